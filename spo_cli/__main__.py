@@ -1,0 +1,3 @@
+from spo_cli.cli import main
+
+main()

@@ -1,0 +1,177 @@
+"""The `spo` command line. Thin: validate the recipe, import the stage lazily, call one function.
+
+Nothing here imports torch at module level, so `spo --help` and `spo recipe check` stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from spo_cli.errors import SpoUserError
+
+app = typer.Typer(
+    name="spo",
+    help="Reinforcement learning of LLM reasoning with segment-level credit assignment, from typed YAML recipes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+recipe_app = typer.Typer(help="Validate, show and document recipes.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(help="Overrides as key.sub=value (values parsed as YAML), e.g. run.seed=1 optim.learning_rate=3e-5."),
+]
+
+
+def _load(path: Path, overrides: list[str] | None):
+    from spo_cli.recipe import load_recipe
+
+    return load_recipe(path, overrides or [])
+
+
+@app.command()
+def train(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the recipe's output directory from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing run in the output directory first.")] = False,
+) -> None:
+    """Run the loop sample -> partition -> estimate -> optimize (after an optional warm start)."""
+    spec = _load(recipe, overrides)
+    from spo_cli.train import train as run_train
+
+    summary = run_train(spec, resume=resume, overwrite=overwrite)
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+def sft(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing run in the output directory first.")] = False,
+) -> None:
+    """Run only the recipe's supervised warm start; saves <run_dir>/warm_start (which `spo train --resume` reuses)."""
+    spec = _load(recipe, overrides)
+    from spo_cli.recipe import Sft
+
+    if not isinstance(spec.warm_start, Sft):
+        raise SpoUserError(f"{recipe}: `warm_start.kind` is {spec.warm_start.kind!r}; `spo sft` needs kind: sft")
+    from rich.console import Console
+
+    from spo_cli.hardware import resolve_runtime
+    from spo_cli.tasks import build_task
+    from spo_cli.train import prepare_run_dir, set_offline_defaults, warm_started_policy
+
+    run_dir = prepare_run_dir(spec, resume=False, overwrite=overwrite)
+    set_offline_defaults(spec)
+    runtime = resolve_runtime(spec.hardware)
+    task = build_task(spec.task, spec.sampling.prompts_per_iteration)
+    warm_started_policy(spec, run_dir, task, runtime, Console())
+    typer.echo(str(run_dir / "warm_start"))
+
+
+@app.command()
+def partition(
+    recipe: RecipeArg,
+    input: Annotated[Path, typer.Option("--in", help="Episodes JSONL to read.")],
+    output: Annotated[Path, typer.Option("--out", help="Episodes JSONL to write (with segments).")],
+    overrides: OverridesArg = None,
+) -> None:
+    """Cut the responses of saved episodes into segments with the recipe's partitioner."""
+    spec = _load(recipe, overrides)
+    from spo_cli.episode import read_episodes, write_episodes
+    from spo_cli.partition import build_partitioner, partition_episodes
+
+    episodes = partition_episodes(read_episodes(input), build_partitioner(spec.partition))
+    write_episodes(output, episodes)
+    typer.echo(f"wrote {len(episodes)} episodes to {output}")
+
+
+@app.command("estimate-values")
+def estimate_values(
+    recipe: RecipeArg,
+    input: Annotated[Path, typer.Option("--in", help="Partitioned episodes JSONL to read.")],
+    output: Annotated[Path, typer.Option("--out", help="Episodes JSONL to write (with segment advantages).")],
+    overrides: OverridesArg = None,
+) -> None:
+    """Fill segment advantages of saved, partitioned episodes with the recipe's estimator."""
+    spec = _load(recipe, overrides)
+    from spo_cli.episode import read_episodes, write_episodes
+    from spo_cli.estimate import estimate_advantages
+
+    try:
+        episodes = estimate_advantages(read_episodes(input), spec.estimator)
+    except ValueError as exc:
+        raise SpoUserError(f"{input}: {exc}") from None
+    write_episodes(output, episodes)
+    typer.echo(f"wrote {len(episodes)} episodes to {output}")
+
+
+@recipe_app.command("check")
+def recipe_check(
+    recipes: Annotated[list[Path], typer.Argument(help="Recipe files to validate.", show_default=False)],
+) -> None:
+    """Validate recipes; exit 0 if all are valid, 2 otherwise."""
+    from spo_cli.recipe import load_recipe
+
+    failed = 0
+    for path in recipes:
+        try:
+            load_recipe(path)
+            typer.echo(f"ok  {path}")
+        except SpoUserError as exc:
+            failed += 1
+            typer.echo(f"error: {exc}", err=True)
+    if failed:
+        raise typer.Exit(2)
+
+
+@recipe_app.command("show")
+def recipe_show(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Print the recipe with every default filled in (what a run would use)."""
+    from spo_cli.recipe import dump_recipe
+
+    typer.echo(dump_recipe(_load(recipe, overrides)), nl=False)
+
+
+@recipe_app.command("schema")
+def recipe_schema() -> None:
+    """Print the JSON Schema of recipes (for editors and documentation)."""
+    from spo_cli.recipe import recipe_schema as schema
+
+    typer.echo(json.dumps(schema(), indent=2))
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except SpoUserError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

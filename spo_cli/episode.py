@@ -1,0 +1,132 @@
+"""The one record that crosses every stage boundary, and its JSONL form.
+
+| stage     | reads                         | writes                                   |
+|-----------|-------------------------------|------------------------------------------|
+| sample    | prompts                       | Episode with reward, segments=None       |
+| partition | response_logprobs             | segments (advantage None)                |
+| estimate  | segments, reward, group_id    | segment advantages                       |
+| optimize  | token ids, segments           | (a checkpoint and metrics)               |
+
+Token indices in `segments` are response-token indices, half-open, and together cover the response.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from spo_cli.errors import SpoUserError
+from spo_cli.fsutil import atomic_open
+
+SCHEMA_VERSION = 1
+
+
+class Segment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    start: int = Field(ge=0, description="First response-token index of the segment (inclusive).")
+    end: int = Field(ge=0, description="End response-token index (exclusive).")
+    advantage: float | None = Field(None, description="Advantage of every token in the segment; None until estimated.")
+    value: float | None = Field(None, description="Estimated value at the segment's end state, where the estimator has one.")
+
+
+class Episode(BaseModel):
+    """One sampled response to one prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    id: str = Field(description="Unique id of the episode within a run.")
+    group_id: str = Field(description="Id of the prompt; episodes of the same prompt form a group.")
+    iteration: int = Field(0, ge=0, description="RL iteration that sampled it (the policy version).")
+    prompt: str = Field(description="Prompt text as given to the model (after any chat template).")
+    response: str = Field(description="Response text (special tokens and stop string removed).")
+    gold: str | None = Field(None, description="Reference answer the reward was computed against.")
+    prompt_token_ids: list[int]
+    response_token_ids: list[int]
+    response_logprobs: list[float] = Field(
+        description="log pi(y_t | x, y_<t) of each response token under the sampling policy at the sampling temperature."
+    )
+    finish_reason: Literal["stop", "length"]
+    reward: float | None = None
+    segments: list[Segment] | None = Field(None, description="Null until partitioned.")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form extras for later stages.")
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Episode:
+        n = len(self.response_token_ids)
+        if len(self.response_logprobs) != n:
+            raise ValueError(
+                f"response_logprobs has {len(self.response_logprobs)} entries for {n} response tokens"
+            )
+        if self.segments is not None:
+            check_segments_cover(self.segments, n)
+        return self
+
+
+def check_segments_cover(segments: Sequence[Segment], length: int) -> None:
+    """Raise ValueError unless the segments are contiguous, non-empty and cover [0, length)."""
+    pos = 0
+    for seg in segments:
+        if seg.start != pos or seg.end <= seg.start:
+            raise ValueError(f"segments must be contiguous and non-empty, covering [0, {length}); got {segments}")
+        pos = seg.end
+    if pos != length and not (length == 0 and not segments):
+        raise ValueError(f"segments cover [0, {pos}) but the response has {length} tokens")
+
+
+def token_advantages(episode: Episode) -> list[float]:
+    """Per-response-token advantages from the segments (each token gets its segment's advantage)."""
+    if episode.segments is None:
+        raise ValueError(f"episode {episode.id} has no segments: run the partition stage first")
+    out = [0.0] * len(episode.response_token_ids)
+    for seg in episode.segments:
+        if seg.advantage is None:
+            raise ValueError(f"episode {episode.id} has a segment without an advantage: run the estimate stage first")
+        out[seg.start : seg.end] = [seg.advantage] * (seg.end - seg.start)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- JSONL
+
+
+def iter_episodes(path: str | Path) -> Iterator[Episode]:
+    """Read episodes from a JSONL file; a malformed line raises SpoUserError naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpoUserError(f"episode file not found: {path}")
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SpoUserError(f"{path}:{lineno}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+            if isinstance(raw, dict) and raw.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+                raise SpoUserError(
+                    f"{path}:{lineno}: episode schema_version {raw.get('schema_version')!r}; "
+                    f"this spo reads version {SCHEMA_VERSION}"
+                )
+            try:
+                yield Episode.model_validate(raw)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                field = ".".join(str(p) for p in err["loc"]) or "(record)"
+                raise SpoUserError(f"{path}:{lineno}: bad episode: {field}: {err['msg']}") from None
+
+
+def read_episodes(path: str | Path) -> list[Episode]:
+    return list(iter_episodes(path))
+
+
+def write_episodes(path: str | Path, episodes: Iterable[Episode]) -> None:
+    """Write episodes as JSONL atomically (a crash leaves either the old file or the new one)."""
+    with atomic_open(path) as fh:
+        for ep in episodes:
+            fh.write(ep.model_dump_json())
+            fh.write("\n")

@@ -1,0 +1,53 @@
+"""Held-out accuracy of the current policy on a task's test problems (greedy and sampled)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from spo_cli.recipe import Eval
+from spo_cli.sample import Sampler, SamplingParams
+from spo_cli.tasks import Problem, Task, apply_template
+
+
+def accuracy(rewards: Sequence[float]) -> float:
+    """Fraction of responses graded fully correct (reward 1)."""
+    return sum(1 for r in rewards if r >= 1.0) / len(rewards) if rewards else 0.0
+
+
+def evaluate_policy(
+    sampler: Sampler,
+    tokenizer,
+    task: Task,
+    problems: Sequence[Problem],
+    spec: Eval,
+    max_new_tokens: int,
+    seed: int,
+    keep_eos_token: bool = True,
+) -> dict[str, float]:
+    """`eval/greedy_accuracy` and `eval/sampled_accuracy` (mean over `spec.num_samples` per problem)."""
+    problems = list(problems)[: spec.max_problems]
+    prompts = [apply_template(tokenizer, task.format_prompt(p.question), task.use_chat_template) for p in problems]
+    golds = [p.gold for p in problems]
+    out: dict[str, float] = {"eval/num_problems": float(len(problems))}
+    runs = []
+    if spec.greedy:
+        runs.append(("greedy", SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)))
+    if spec.num_samples > 0:
+        runs.append(
+            (
+                "sampled",
+                SamplingParams(
+                    n=spec.num_samples, temperature=spec.temperature, top_p=spec.top_p, max_new_tokens=max_new_tokens
+                ),
+            )
+        )
+    for name, params in runs:
+        params = dataclasses.replace(params, stop=task.stop, keep_eos_token=keep_eos_token, logprobs=False)
+        groups = sampler.generate(prompts, params, seed=seed)
+        responses = [c.text for g in groups for c in g]
+        reasons = [c.finish_reason for g in groups for c in g]
+        rewards = task.rewards(responses, [gold for gold, g in zip(golds, groups) for _ in g], reasons)
+        out[f"eval/{name}_accuracy"] = accuracy(rewards)
+        out[f"eval/{name}_mean_length"] = sum(len(c.token_ids) for g in groups for c in g) / max(len(responses), 1)
+    return out

@@ -1,0 +1,46 @@
+"""Per-iteration metrics: metrics.jsonl (one JSON object per line) and TensorBoard scalars."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from spo_cli.fsutil import atomic_write_text
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsLog:
+    """Appends one line per record; on resume, drops records past the checkpoint's iteration."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_iteration: int | None = None):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_iteration is not None:
+            kept = [r for r in read_metrics(self.path) if r.get("iteration", 0) <= resume_iteration]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            purge = resume_iteration + 1 if resume_iteration is not None else None
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
+
+    def log(self, record: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            step = int(record.get("iteration", 0))
+            for key, value in record.items():
+                if key != "iteration" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

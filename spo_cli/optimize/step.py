@@ -1,0 +1,145 @@
+"""One RL update: PPO epochs over an iteration's episodes, in mini-batches of accumulated micro-batches."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+
+from spo_cli.episode import Episode, token_advantages
+from spo_cli.hardware import Runtime
+from spo_cli.optimize.loss import LossInputs, masked_whiten, ppo_clip_loss
+from spo_cli.policy import collate, forward_logprobs, score_responses
+from spo_cli.recipe import PpoClip, Train
+
+
+def trained_token_count(episode: Episode, prob_mask_rho: float | None) -> int:
+    """Response tokens the loss trains on (all of them, or those with p_old < rho)."""
+    if prob_mask_rho is None:
+        return len(episode.response_token_ids)
+    return sum(1 for lp in episode.response_logprobs if math.exp(lp) < prob_mask_rho)
+
+
+def select_trainable(episodes: Sequence[Episode], loss: PpoClip) -> list[Episode]:
+    """Episodes that can move the policy; all of them unless zero-advantage ones may be skipped."""
+    if not loss.skip_zero_advantage or loss.beta > 0 or loss.whiten_advantages:
+        return list(episodes)
+    return [ep for ep in episodes if any(a != 0.0 for a in token_advantages(ep))]
+
+
+def steps_per_iteration(num_episodes: int, train: Train) -> int:
+    per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps
+    return train.ppo_epochs * math.ceil(num_episodes / per_step)
+
+
+def ppo_update(
+    policy,
+    optimizer,
+    scheduler,
+    episodes: Sequence[Episode],
+    *,
+    loss: PpoClip,
+    train: Train,
+    max_grad_norm: float,
+    temperature: float,
+    runtime: Runtime,
+    pad_id: int,
+    rng: random.Random,
+    ref_model=None,
+) -> dict[str, float]:
+    """Run `train.ppo_epochs` passes of PPO-clip over `episodes` (which carry segment advantages).
+
+    pi_old is the sampling-time log-prob stored in each episode. Every mini-batch of
+    `per_device_train_batch_size * gradient_accumulation_steps` episodes is one optimizer step; the
+    token-mean loss is normalised by the trained tokens of the whole mini-batch, so accumulation
+    gives the same gradient as one big batch.
+    """
+    rho = loss.prob_mask_rho if loss.use_prob_mask else None
+    episodes = select_trainable(episodes, loss)
+    sums: dict[str, float] = defaultdict(float)
+    weights: dict[str, float] = defaultdict(float)
+    if not episodes:
+        return {"optimizer_steps": 0.0, "trained_episodes": 0.0}
+
+    advantages = [token_advantages(ep) for ep in episodes]
+    ref_logprobs: list[list[float]] | None = None
+    if loss.beta > 0:
+        ref_logprobs = score_responses(
+            ref_model,
+            [ep.prompt_token_ids for ep in episodes],
+            [ep.response_token_ids for ep in episodes],
+            pad_id=pad_id,
+            temperature=temperature,
+            batch_size=train.per_device_train_batch_size,
+            device=runtime.device,
+            autocast=runtime.autocast,
+        )
+    trained_tokens = [trained_token_count(ep, rho) for ep in episodes]
+    micro = train.per_device_train_batch_size
+    per_step = micro * train.gradient_accumulation_steps
+    steps = 0
+    policy.train()
+    for _ in range(train.ppo_epochs):
+        order = list(range(len(episodes)))
+        if train.shuffle_episodes:
+            rng.shuffle(order)
+        for mb_start in range(0, len(order), per_step):
+            mini = order[mb_start : mb_start + per_step]
+            if loss.loss_agg == "token_mean":
+                normalizer = float(sum(trained_tokens[i] for i in mini))
+            else:
+                normalizer = float(sum(1 for i in mini if trained_tokens[i] > 0))
+            for mc_start in range(0, len(mini), micro):
+                idx = mini[mc_start : mc_start + micro]
+                batch = collate(
+                    [episodes[i].prompt_token_ids for i in idx], [episodes[i].response_token_ids for i in idx], pad_id
+                ).to(runtime.device)
+                with runtime.autocast():
+                    logprobs, entropy = forward_logprobs(policy, batch, temperature, with_entropy=True)
+                adv = batch.scatter([advantages[i] for i in idx])
+                old = batch.scatter([episodes[i].response_logprobs for i in idx])
+                mask = batch.response_mask
+                if loss.whiten_advantages:
+                    keep = mask if rho is None else mask * (old.exp() < rho)
+                    adv = masked_whiten(adv, keep)
+                ref = batch.scatter([ref_logprobs[i] for i in idx]) if ref_logprobs is not None else None
+                out = ppo_clip_loss(
+                    LossInputs(logprobs=logprobs, old_logprobs=old, advantages=adv, mask=mask, ref_logprobs=ref),
+                    epsilon_low=loss.epsilon,
+                    epsilon_high=loss.epsilon_high if loss.epsilon_high is not None else loss.epsilon,
+                    beta=loss.beta,
+                    prob_mask_rho=rho,
+                    loss_agg=loss.loss_agg,
+                    kl_agg=loss.kl_agg,
+                    normalizer=normalizer,
+                    kl_normalizer=float(len(mini)),
+                )
+                out.loss.backward()
+                n_tok = out.metrics.get("num_tokens", 0.0)
+                for key in ("clip_ratio", "clip_ratio/low", "clip_ratio/high", "ratio_mean"):
+                    if key in out.metrics:
+                        sums[key] += out.metrics[key] * n_tok
+                        weights[key] += n_tok
+                # The normaliser spans the mini-batch, so micro-batch losses add up to the step's loss.
+                sums["policy_loss"] += float(out.policy_loss)
+                sums["kl"] += float(out.kl)
+                n_resp = float(mask.sum())
+                sums["entropy"] += float((entropy * mask).sum())
+                weights["entropy"] += n_resp
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            sums["grad_norm"] += float(grad_norm)
+            steps += 1
+    metrics = {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
+    metrics["policy_loss"] = sums["policy_loss"] / steps
+    metrics["grad_norm"] = sums["grad_norm"] / steps
+    metrics["kl"] = sums["kl"] / steps
+    metrics["optimizer_steps"] = float(steps)
+    metrics["trained_episodes"] = float(len(episodes))
+    metrics["learning_rate"] = float(scheduler.get_last_lr()[0])
+    return metrics

@@ -1,0 +1,521 @@
+"""The typed recipe: one YAML file describes a whole run.
+
+Every section is a Pydantic model with `extra="forbid"` and a description on every field, so a typo is
+an error at load time and `spo recipe schema` documents every knob. Choices between algorithms are
+`kind:` discriminated unions; each stage maps a `kind` to code in exactly one place.
+
+This module imports only pydantic, yaml and the standard library: `spo recipe check` must not import
+torch (tests/unit/test_import_hygiene.py).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+
+from spo_cli.errors import SpoUserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def kind_union(*members: type[Section], default: str | None = None) -> Any:
+    """A union selected by the members' `kind` field; `default` is used when the YAML omits `kind`."""
+
+    def pick(value: Any) -> str | None:
+        if isinstance(value, dict):
+            return value.get("kind", default)
+        return getattr(value, "kind", None)
+
+    tagged = tuple(Annotated[m, Tag(m.model_fields["kind"].default)] for m in members)
+    union = tagged[0] if len(tagged) == 1 else Union[tagged]  # noqa: UP007 (built from a tuple)
+    return Annotated[union, Discriminator(pick)]
+
+
+# --------------------------------------------------------------------------------------------- run
+
+
+class Run(Section):
+    """Settings shared by every stage: stages read them, they never repeat them."""
+
+    name: str = Field("run", min_length=1, description="Run name, used in logs and as the default output folder name.")
+    output_dir: str | None = Field(
+        None,
+        description="Run directory (checkpoints, metrics.jsonl, TensorBoard, episodes). "
+        "Relative paths are relative to the working directory. Default: runs/<name>.",
+    )
+    seed: int = Field(42, ge=0, description="Seed from which every random stream of the run is derived.")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+
+
+# ------------------------------------------------------------------------------------------- model
+
+
+class PretrainedModel(Section):
+    """A Hugging Face causal LM: a local directory or a hub name."""
+
+    kind: Literal["pretrained"] = "pretrained"
+    name_or_path: str = Field(description="Local directory with config.json and weights, or a hub model id.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit); ignored for local paths.")
+    tokenizer: str | None = Field(None, description="Tokenizer directory or hub id; default: name_or_path.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="Dtype the weights are loaded in (master weights for training)."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub repository to run.")
+    attn_implementation: str | None = Field(
+        None, description="transformers attention backend (e.g. sdpa, flash_attention_2); default: transformers' choice."
+    )
+
+
+class TinyModel(Section):
+    """A small Qwen2/Llama-style model and byte-level tokenizer built locally from scratch (no download)."""
+
+    kind: Literal["tiny"] = "tiny"
+    arch: Literal["qwen2", "llama"] = Field("qwen2", description="Architecture of the randomly initialised model.")
+    hidden_size: int = Field(128, ge=8, description="Hidden width.")
+    intermediate_size: int = Field(512, ge=8, description="MLP width.")
+    num_hidden_layers: int = Field(2, ge=1, description="Number of transformer blocks.")
+    num_attention_heads: int = Field(4, ge=1, description="Attention heads (hidden_size must divide evenly).")
+    num_key_value_heads: int = Field(2, ge=1, description="Key/value heads (grouped-query attention).")
+    max_position_embeddings: int = Field(1024, ge=16, description="Longest sequence the model supports.")
+    init_seed: int | None = Field(None, description="Seed of the random initialisation; default: run.seed.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModel:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        return self
+
+
+ModelSpec = kind_union(PretrainedModel, TinyModel)
+
+
+# -------------------------------------------------------------------------------------------- task
+
+
+class Arith(Section):
+    """Synthetic multi-step arithmetic ("Start at 6. Times 6. Minus 17. Result?"), generated on the fly."""
+
+    kind: Literal["arith"] = "arith"
+    min_steps: int = Field(2, ge=1, le=20, description="Fewest operations in a training prompt.")
+    max_steps: int = Field(5, ge=1, le=20, description="Most operations in a training prompt.")
+    sft_min_steps: int = Field(1, ge=1, le=20, description="Fewest operations in a warm-start (SFT) example.")
+    sft_max_steps: int = Field(5, ge=1, le=20, description="Most operations in a warm-start (SFT) example.")
+    max_start: int = Field(20, ge=1, description="Largest starting value.")
+    max_add: int = Field(20, ge=1, description="Largest operand of an addition or subtraction.")
+    max_mul: int = Field(9, ge=2, description="Largest multiplier.")
+    max_val: int = Field(99, ge=10, description="Every intermediate value stays in 0..max_val.")
+    eval_steps: list[int] = Field([2, 3, 4], min_length=1, description="Step counts of the held-out evaluation problems.")
+    eval_per_step: int = Field(200, ge=1, description="Held-out problems per step count (never used for training).")
+    eval_seed: int = Field(1234, ge=0, description="Seed of the held-out set (fixed across runs so numbers compare).")
+    use_chat_template: bool = Field(True, description="Wrap the question in the tokenizer's chat template.")
+    penalize_truncated: bool = Field(
+        False, description="Reward 0 for a response cut by max_completion_length, whatever its text says."
+    )
+
+    @model_validator(mode="after")
+    def _ranges(self) -> Arith:
+        if self.min_steps > self.max_steps or self.sft_min_steps > self.sft_max_steps:
+            raise ValueError("min steps must not exceed max steps")
+        return self
+
+
+class _FileTask(Section):
+    train_file: str | None = Field(None, description="Local JSONL file of training problems.")
+    test_file: str | None = Field(None, description="Local JSONL file of held-out problems (evaluation).")
+    dataset_name: str | None = Field(
+        None, description="Hub dataset id, used when train_file is not set (needs internet or a warm HF cache)."
+    )
+    dataset_config: str | None = Field(None, description="Hub dataset configuration name.")
+    dataset_train_split: str = Field("train", description="Hub split used for training.")
+    dataset_test_split: str = Field("test", description="Hub split used for evaluation.")
+    max_train_problems: int | None = Field(None, ge=1, description="Use only the first N training problems.")
+    max_eval_problems: int | None = Field(None, ge=1, description="Evaluate on only the first N held-out problems.")
+    use_chat_template: bool = Field(False, description="Wrap the formatted prompt in the tokenizer's chat template.")
+
+    @model_validator(mode="after")
+    def _has_source(self) -> _FileTask:
+        if self.train_file is None and self.dataset_name is None:
+            raise ValueError("set train_file (a local JSONL file) or dataset_name (a hub dataset)")
+        for name in ("train_file", "test_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: no such file: {path}")
+        return self
+
+
+class Gsm8k(_FileTask):
+    """GSM8K with the reference "#### answer" reward: 1/0, -2 for several "####", 0 when unfinished."""
+
+    kind: Literal["gsm8k"] = "gsm8k"
+    prompt_template: str = Field(
+        "[MATH_TASK] Problem:\n{question}\n\nSolution:",
+        description="Prompt with a {question} placeholder (default: the reference Rho-1B template).",
+    )
+    penalize_truncated: bool = Field(
+        False,
+        description="Reward 0 for a response cut by max_completion_length (the reference does this for SPO, not GRPO).",
+    )
+
+
+class Math(_FileTask):
+    """MATH-style problems (MATH, MATH500, AIME24): boxed answers graded with math-verify."""
+
+    kind: Literal["math"] = "math"
+    prompt_template: str = Field(
+        "{problem}", description="Prompt with a {problem} placeholder (the R1-Distill recipes set the reference template)."
+    )
+    grading_timeout_s: float = Field(5.0, gt=0, description="Time limit for grading one response; over it counts as wrong.")
+    penalize_truncated: bool = Field(False, description="Reward 0 for a response cut by max_completion_length.")
+
+
+TaskSpec = kind_union(Arith, Gsm8k, Math)
+
+
+# -------------------------------------------------------------------------------------- warm start
+
+
+class NoWarmStart(Section):
+    """RL starts from the model as loaded (already a supervised checkpoint)."""
+
+    kind: Literal["none"] = "none"
+
+
+class Sft(Section):
+    """Supervised fine-tuning on the task's worked solutions before RL (loss on the response only)."""
+
+    kind: Literal["sft"] = "sft"
+    steps: int = Field(1600, ge=1, description="Optimizer steps. Fixed by steps, not time: learning has a sharp transition.")
+    batch_size: int = Field(16, ge=1, description="Examples per optimizer step.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.98, ge=0, lt=1, description="AdamW beta2.")
+    warmup_ratio: float = Field(0.05, ge=0, le=1, description="Fraction of steps with linear warmup.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay ends at this fraction of the peak rate.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    log_every: int = Field(100, ge=1, description="Log the SFT loss every N steps.")
+
+
+WarmStartSpec = kind_union(NoWarmStart, Sft, default="none")
+
+
+# ---------------------------------------------------------------------------------------- sampling
+
+
+class Sampling(Section):
+    """How responses are sampled for training (HF generate with KV cache)."""
+
+    backend: Literal["hf"] = Field("hf", description="Generation engine: hf (transformers generate). vLLM comes later.")
+    prompts_per_iteration: int = Field(32, ge=1, description="Prompts sampled per iteration.")
+    num_generations: int = Field(8, ge=1, description="Responses per prompt (the group size G).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs and the loss use the same one.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (not reflected in log-probs).")
+    top_k: int = Field(0, ge=0, description="Top-k sampling; 0 = off.")
+    max_completion_length: int = Field(64, ge=1, description="Most new tokens per response.")
+    max_prompt_length: int | None = Field(None, ge=1, description="Drop prompts longer than this many tokens.")
+    stop: list[str] = Field([], description="Stop strings; the response text ends before the stop string.")
+    generation_batch_size: int = Field(256, ge=1, description="Sequences per generate call (bounds memory).")
+    keep_eos_token: bool = Field(
+        True,
+        description="Keep the end-of-sequence token in response_token_ids so stopping is trained "
+        "(the SPO reference drops it: set false to match).",
+    )
+
+
+# ----------------------------------------------------------------------------------------- partition
+
+
+class Whole(Section):
+    """One segment per response: the outcome-level baseline (GRPO, PPO without segments)."""
+
+    kind: Literal["whole"] = "whole"
+
+
+PartitionSpec = kind_union(Whole, default="whole")
+
+
+# ---------------------------------------------------------------------------------------- estimator
+
+
+class Group(Section):
+    """GRPO: (r - mean) / (std + eps) within each prompt's group, std the population std."""
+
+    kind: Literal["group"] = "group"
+    scale_by_std: bool = Field(True, description="Divide by the group's population std (false: Dr. GRPO).")
+    eps: float = Field(1e-8, gt=0, description="Added to the std before dividing.")
+
+
+EstimatorSpec = kind_union(Group, default="group")
+
+
+# --------------------------------------------------------------------------------------------- loss
+
+
+class PpoClip(Section):
+    """Masked PPO-clip with an optional probability mask and a k3 KL penalty to a reference model."""
+
+    kind: Literal["ppo_clip"] = "ppo_clip"
+    epsilon: float = Field(0.2, gt=0, lt=1, description="Lower clip range: ratio >= 1 - epsilon.")
+    epsilon_high: float | None = Field(None, gt=0, description="Upper clip range: ratio <= 1 + epsilon_high; default epsilon.")
+    beta: float = Field(0.0, ge=0, description="KL coefficient (k3 estimator). 0 = no KL and no reference model is loaded.")
+    use_prob_mask: bool = Field(
+        False, description="Train only tokens whose old-policy probability is below prob_mask_rho (SPO's mask)."
+    )
+    prob_mask_rho: float = Field(0.9, gt=0, le=1, description="Threshold of the probability mask (strict <).")
+    loss_agg: Literal["token_mean", "seq_mean_token_mean"] = Field(
+        "token_mean", description="token_mean: mean over all trained tokens of the mini-batch."
+    )
+    kl_agg: Literal["token_mean", "seq_sum"] = Field(
+        "token_mean", description="token_mean, or the reference's per-sequence sum averaged over sequences."
+    )
+    whiten_advantages: bool = Field(
+        False, description="Standardise token advantages per micro-batch over trained tokens (the reference does)."
+    )
+    skip_zero_advantage: bool = Field(
+        True,
+        description="Leave episodes whose advantages are all zero out of the update (no gradient when beta is 0; "
+        "saves their forward pass). Ignored when beta > 0 or whiten_advantages.",
+    )
+
+
+LossSpec = kind_union(PpoClip, default="ppo_clip")
+
+
+# -------------------------------------------------------------------------------------------- optim
+
+
+class Optim(Section):
+    """AdamW and its learning-rate schedule for the RL updates."""
+
+    learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = Field(
+        "linear", description="After warmup: constant, linear decay to 0, or cosine decay to 0."
+    )
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Fraction of all optimizer steps with linear warmup from 0.")
+    warmup_steps: int | None = Field(None, ge=0, description="Warmup steps; overrides warmup_ratio.")
+    schedule_iterations: int | None = Field(
+        None, ge=1, description="Iterations the schedule spans (the reference assumes 1000); default: train.iterations."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+
+
+# -------------------------------------------------------------------------------------------- train
+
+
+class Train(Section):
+    """The RL loop: iterations of sample -> partition -> estimate -> optimize."""
+
+    iterations: int = Field(100, ge=1, description="RL iterations.")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each iteration's episodes.")
+    per_device_train_batch_size: int = Field(8, ge=1, description="Episodes per forward/backward (micro-batch).")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    shuffle_episodes: bool = Field(True, description="Shuffle episodes before cutting mini-batches (seeded).")
+    save_steps: int = Field(10, ge=1, description="Write a checkpoint every N iterations (and after the last).")
+    save_total_limit: int | None = Field(2, ge=1, description="Keep only the newest N checkpoints; null keeps all.")
+
+
+# ----------------------------------------------------------------------------------------- hardware
+
+
+class Hardware(Section):
+    """Where and how the run computes."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if available, else CPU.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16 autocast for forward passes; auto: on where the device has native bf16."
+    )
+    num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: all cores.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+
+
+# --------------------------------------------------------------------------------------------- eval
+
+
+class Eval(Section):
+    """Held-out accuracy measured during training (the task's test set)."""
+
+    before_training: bool = Field(True, description="Evaluate before RL (after the warm start).")
+    after_training: bool = Field(True, description="Evaluate after the last RL iteration.")
+    eval_steps: int | None = Field(None, ge=1, description="Also evaluate every N iterations; null = only before/after.")
+    greedy: bool = Field(True, description="Report greedy accuracy.")
+    num_samples: int = Field(4, ge=0, description="Sampled responses per problem for sampled accuracy; 0 = skip.")
+    temperature: float = Field(1.0, gt=0, description="Temperature of the sampled evaluation.")
+    top_p: float = Field(1.0, gt=0, le=1, description="top_p of the sampled evaluation.")
+    max_completion_length: int | None = Field(None, ge=1, description="New-token budget; default: sampling's.")
+    max_problems: int | None = Field(None, ge=1, description="Evaluate on at most N problems.")
+
+
+# ------------------------------------------------------------------------------------------ logging
+
+
+class Logging(Section):
+    """What the run records."""
+
+    tensorboard: bool = Field(True, description="Write TensorBoard scalars to <run_dir>/tensorboard.")
+    progress: bool = Field(True, description="Show a rich progress bar (off when not a terminal).")
+    log_completions: int = Field(2, ge=0, description="Completions per iteration printed and written to completions.jsonl.")
+    save_episodes: bool = Field(True, description="Write every iteration's episodes to <run_dir>/episodes/iter_NNNNNN.jsonl.")
+
+
+# ------------------------------------------------------------------------------------------- recipe
+
+
+class Recipe(Section):
+    """A complete run. Shared settings (run, model) live once here; stage sections never repeat them."""
+
+    run: Run = Field(default_factory=Run, description="Name, output directory and seed.")
+    model: ModelSpec = Field(description="The policy to train.")
+    task: TaskSpec = Field(description="Problems, prompt format and reward.")
+    warm_start: WarmStartSpec = Field(default_factory=NoWarmStart, description="Optional supervised warm start before RL.")
+    sampling: Sampling = Field(default_factory=Sampling, description="Response sampling.")
+    partition: PartitionSpec = Field(default_factory=Whole, description="How responses are cut into segments.")
+    estimator: EstimatorSpec = Field(default_factory=Group, description="How segment advantages are estimated.")
+    loss: LossSpec = Field(default_factory=PpoClip, description="Policy loss.")
+    optim: Optim = Field(default_factory=Optim, description="Optimizer and learning-rate schedule.")
+    train: Train = Field(default_factory=Train, description="Iterations, epochs and batch sizes.")
+    hardware: Hardware = Field(default_factory=Hardware, description="Device, precision, threads.")
+    eval: Eval = Field(default_factory=Eval, description="Held-out evaluation during training.")
+    logging: Logging = Field(default_factory=Logging, description="Metrics, TensorBoard, completions.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if isinstance(self.estimator, Group) and self.sampling.num_generations < 2:
+            raise ValueError("estimator.kind=group needs sampling.num_generations >= 2 (a group of one has no baseline)")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `data` with `key.sub=value` overrides applied (values parsed as YAML)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SpoUserError(f"override {item!r}: expected key.sub=value")
+        parts = key.strip().split(".")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise SpoUserError(f"override {item!r}: value is not valid YAML: {exc}") from None
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise SpoUserError(f"override {item!r}: {'.'.join(parts[: depth + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _yaml_line(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the YAML node at `loc` (or of its deepest existing ancestor)."""
+    node, line = root, None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == str(key)), None)
+            key_node = next((k for k, v in node.value if k.value == str(key)), None)
+            if match is None:
+                break
+            line, node = key_node.start_mark.line + 1, match
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def format_validation_error(exc: ValidationError, source: str, root: yaml.Node | None) -> str:
+    lines = [f"{source}: invalid recipe ({exc.error_count()} problem{'s' if exc.error_count() > 1 else ''})"]
+    for err in exc.errors():
+        # Drop the union-member tag pydantic inserts (e.g. model.tiny.hidden_size -> model.hidden_size).
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        line = _yaml_line(root, loc) if root is not None else None
+        where = f" (line {line})" if line else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif err["type"] == "union_tag_invalid":
+            msg = f"unknown kind {err['input'].get('kind')!r}; expected one of {err['ctx']['expected_tags']}"
+        elif err["type"] == "model_attributes_type" and loc and isinstance(err["input"], str):
+            msg = f"expected a section (a mapping), got {err['input']!r}"
+        elif err["type"] == "union_tag_not_found":
+            msg = "missing `kind`"
+        elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
+            msg += f" (got {err['input']!r})"
+        lines.append(f"  {path}{where}: {msg}")
+    return "\n".join(lines)
+
+
+
+def _union_tags() -> set[str]:
+    tags = set()
+    for union in (ModelSpec, TaskSpec, WarmStartSpec, PartitionSpec, EstimatorSpec, LossSpec):
+        inner = get_args(union)[0]
+        for member in get_args(inner) or (inner,):
+            cls = get_args(member)[0] if get_args(member) else member
+            tags.add(cls.model_fields["kind"].default)
+    return tags
+
+
+_UNION_TAGS = _union_tags()
+
+
+def parse_recipe(data: Any, source: str = "<recipe>", root: yaml.Node | None = None) -> Recipe:
+    if not isinstance(data, dict):
+        raise SpoUserError(f"{source}: a recipe must be a YAML mapping of sections, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise SpoUserError(format_validation_error(exc, source, root)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file. Raises SpoUserError naming the file, field and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpoUserError(f"recipe file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise SpoUserError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        raise SpoUserError(f"{path}: the recipe is empty")
+    if overrides:
+        if not isinstance(data, dict):
+            raise SpoUserError(f"{path}: a recipe must be a YAML mapping of sections")
+        data = apply_overrides(data, overrides)
+    return parse_recipe(data, str(path), root)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe (every default filled in) as YAML; loading it gives the same recipe."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def recipe_schema() -> dict[str, Any]:
+    return Recipe.model_json_schema()

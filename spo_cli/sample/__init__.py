@@ -1,0 +1,61 @@
+"""Sampling: the `Sampler` protocol every backend implements, and the one place a backend is chosen."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from spo_cli.hardware import Runtime
+    from spo_cli.recipe import Sampling
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    keep_eos_token: bool = True
+    logprobs: bool = True  # False skips the scoring pass (evaluation needs no log-probs)
+
+
+@dataclass
+class Completion:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: Literal["stop", "length"]
+    logprobs: list[float] = field(default_factory=list)  # one per token, at the sampling temperature
+
+
+class Sampler(Protocol):
+    def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]: ...
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams, seed: int) -> list[list[Completion]]:
+        """params.n completions per prompt; the randomness is a function of `seed` alone."""
+        ...
+
+
+def sampling_params(spec: Sampling, stop: Sequence[str] = ()) -> SamplingParams:
+    return SamplingParams(
+        n=spec.num_generations,
+        temperature=spec.temperature,
+        top_p=spec.top_p,
+        top_k=spec.top_k,
+        max_new_tokens=spec.max_completion_length,
+        stop=tuple(dict.fromkeys([*spec.stop, *stop])),
+        keep_eos_token=spec.keep_eos_token,
+    )
+
+
+def build_sampler(spec: Sampling, model, tokenizer, runtime: Runtime) -> Sampler:
+    match spec.backend:
+        case "hf":
+            from spo_cli.sample.hf import HFSampler
+
+            return HFSampler(model, tokenizer, runtime, generation_batch_size=spec.generation_batch_size)
+    raise AssertionError(f"unhandled sampling backend {spec.backend!r}")

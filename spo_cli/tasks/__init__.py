@@ -1,0 +1,209 @@
+"""Tasks: where problems come from, how a prompt is written, and how a response is rewarded.
+
+A `Task` is composed of plain functions; `build_task` is the one place a recipe's `task.kind` maps to code.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from spo_cli.recipe import Arith, Gsm8k, Math, TaskSpec
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    question: str
+    gold: str
+    solution: str | None = None  # a worked solution, for the supervised warm start
+
+
+@dataclass
+class Task:
+    name: str
+    train_problems: Callable[[int, int, int], list[Problem]]  # (iteration, count, seed) -> problems
+    eval_problems: Callable[[], list[Problem]]
+    format_prompt: Callable[[str], str]  # question -> prompt text (before any chat template)
+    grade: Callable[[Sequence[str], Sequence[str]], list[float]]  # (responses, golds) -> rewards
+    use_chat_template: bool = False
+    penalize_truncated: bool = False
+    stop: tuple[str, ...] = ()
+    sft_examples: Callable[[random.Random, int], list[Problem]] | None = None
+    close: Callable[[], None] = field(default=lambda: None)
+
+    def rewards(self, responses: Sequence[str], golds: Sequence[str], finish_reasons: Sequence[str]) -> list[float]:
+        """Rewards of finished responses; a truncated one gets 0 when the task penalises truncation."""
+        scores = self.grade(responses, golds)
+        if self.penalize_truncated:
+            scores = [0.0 if f == "length" else s for s, f in zip(scores, finish_reasons)]
+        return scores
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A stable 63-bit seed from parts (Python's hash() of str is salted per process, so not that)."""
+    import hashlib
+
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def apply_template(tokenizer, prompt: str, use_chat_template: bool) -> str:
+    if not use_chat_template:
+        return prompt
+    if tokenizer.chat_template is None:
+        raise ValueError("task.use_chat_template is true but the tokenizer has no chat template")
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+
+def epoch_slice(n_items: int, start: int, count: int, seed: int) -> list[int]:
+    """Indices `start .. start+count` of an endless stream of seeded per-epoch shuffles of range(n_items).
+
+    The data position of a run is just `start`, so resuming needs no sampler state beyond the iteration.
+    """
+    out: list[int] = []
+    pos = start
+    while len(out) < count:
+        epoch, offset = divmod(pos, n_items)
+        order = list(range(n_items))
+        random.Random(derive_seed(seed, "epoch", epoch)).shuffle(order)
+        take = order[offset : offset + count - len(out)]
+        out.extend(take)
+        pos += len(take)
+    return out
+
+
+def build_task(spec: TaskSpec, prompts_per_iteration: int) -> Task:
+    match spec:
+        case Arith():
+            return _arith_task(spec)
+        case Gsm8k():
+            return _gsm8k_task(spec, prompts_per_iteration)
+        case Math():
+            return _math_task(spec, prompts_per_iteration)
+    raise AssertionError(f"unhandled task kind {spec.kind!r}")
+
+
+def _arith_task(spec: Arith) -> Task:
+    from spo_cli.tasks import arith, gsm8k
+
+    knobs = dict(max_start=spec.max_start, max_add=spec.max_add, max_mul=spec.max_mul, max_val=spec.max_val)
+    held_out = arith.held_out_problems(spec.eval_seed, spec.eval_per_step, spec.eval_steps, **knobs)
+    exclude = frozenset(p.question for p in held_out)
+
+    def to_problem(p: arith.ArithProblem, ident: str) -> Problem:
+        return Problem(id=ident, question=p.question, gold=p.answer, solution=p.solution)
+
+    def train_problems(iteration: int, count: int, seed: int) -> list[Problem]:
+        rng = random.Random(derive_seed(seed, "arith-train", iteration))
+        batch = arith.sample_problems(rng, count, spec.min_steps, spec.max_steps, exclude, **knobs)
+        return [to_problem(p, f"it{iteration}-p{i}") for i, p in enumerate(batch)]
+
+    def sft_examples(rng: random.Random, count: int) -> list[Problem]:
+        batch = arith.sample_problems(rng, count, spec.sft_min_steps, spec.sft_max_steps, exclude, **knobs)
+        return [to_problem(p, "sft") for p in batch]
+
+    return Task(
+        name="arith",
+        train_problems=train_problems,
+        eval_problems=lambda: [to_problem(p, f"eval-{i}") for i, p in enumerate(held_out)],
+        format_prompt=lambda q: q,
+        grade=lambda responses, golds: [gsm8k.reward(r, g) for r, g in zip(responses, golds)],
+        use_chat_template=spec.use_chat_template,
+        penalize_truncated=spec.penalize_truncated,
+        sft_examples=sft_examples,
+    )
+
+
+def _load_split(spec: Gsm8k | Math, split: str) -> list[dict]:
+    from spo_cli.tasks.data import load_hub_records, load_jsonl_records
+
+    path = spec.train_file if split == "train" else spec.test_file
+    if path is not None:
+        return load_jsonl_records(path, f"task.{split}_file")
+    if spec.dataset_name is None or (split == "test" and spec.train_file is not None):
+        return []
+    hub_split = spec.dataset_train_split if split == "train" else spec.dataset_test_split
+    hint = f"task.{split}_file: ../shared/data/{spec.kind}/{split}.jsonl"
+    return load_hub_records(spec.dataset_name, spec.dataset_config, hub_split, "task.dataset_name", hint)
+
+
+def _file_task(
+    spec: Gsm8k | Math,
+    prompts_per_iteration: int,
+    to_problem: Callable[[dict, str], Problem],
+    format_prompt: Callable[[str], str],
+    grade,
+    stop: tuple[str, ...],
+    close=lambda: None,
+) -> Task:
+    train_rows = _load_split(spec, "train")[: spec.max_train_problems]
+    train = [to_problem(r, f"train-{i}") for i, r in enumerate(train_rows)]
+    if not train:
+        raise ValueError(f"task {spec.kind}: the training set is empty")
+
+    def train_problems(iteration: int, count: int, seed: int) -> list[Problem]:
+        return [train[i] for i in epoch_slice(len(train), iteration * prompts_per_iteration, count, seed)]
+
+    def eval_problems() -> list[Problem]:
+        rows = _load_split(spec, "test")[: spec.max_eval_problems]
+        return [to_problem(r, f"test-{i}") for i, r in enumerate(rows)]
+
+    return Task(
+        name=spec.kind,
+        train_problems=train_problems,
+        eval_problems=eval_problems,
+        format_prompt=format_prompt,
+        grade=grade,
+        use_chat_template=spec.use_chat_template,
+        penalize_truncated=spec.penalize_truncated,
+        stop=stop,
+        sft_examples=None,
+        close=close,
+    )
+
+
+def _gsm8k_task(spec: Gsm8k, prompts_per_iteration: int) -> Task:
+    from spo_cli.tasks import gsm8k
+
+    def to_problem(row: dict, ident: str) -> Problem:
+        return Problem(
+            id=ident,
+            question=row["question"].strip(),
+            gold=gsm8k.gold_answer(row["answer"]),
+            solution=gsm8k.clean_solution(row["answer"]),
+        )
+
+    return _file_task(
+        spec,
+        prompts_per_iteration,
+        to_problem,
+        lambda q: spec.prompt_template.format(question=q),
+        lambda responses, golds: [gsm8k.reward(r, g) for r, g in zip(responses, golds)],
+        stop=(gsm8k.STOP,),
+    )
+
+
+def _math_task(spec: Math, prompts_per_iteration: int) -> Task:
+    from spo_cli.tasks import math as math_task
+
+    grader = math_task.MathGrader(timeout_s=spec.grading_timeout_s)
+
+    def to_problem(row: dict, ident: str) -> Problem:
+        return Problem(
+            id=row.get("unique_id") or ident,
+            question=row["problem"].strip(),
+            gold=math_task.gold_answer(row),
+            solution=row.get("solution"),
+        )
+
+    return _file_task(
+        spec,
+        prompts_per_iteration,
+        to_problem,
+        lambda q: spec.prompt_template.format(problem=q),
+        grader.grade,
+        stop=(),
+        close=grader.close,
+    )

@@ -1,0 +1,148 @@
+"""Synthetic multi-step arithmetic in GSM8K answer format (tiny_arith_feasibility.md section 1).
+
+    Start at 6. Times 6. Minus 17. Times 2. Result?      <- question
+    6*6=36\\n36-17=19\\n19*2=38\\n#### 38                  <- solution; answer "38"
+
+Every intermediate value stays in 0..max_val because each operand is drawn to keep it there.
+The reward is `spo_cli.tasks.gsm8k.reward` (same "#### <answer>" format).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from spo_cli.errors import SpoUserError
+
+# Draws allowed per wanted problem before giving up: the question space can be smaller than asked
+# for (e.g. 1-step problems with small knobs), and looping forever would hide that.
+_MAX_TRIES_PER_PROBLEM = 1000
+
+
+@dataclass(frozen=True)
+class ArithProblem:
+    """One problem: `question` (the prompt text), `solution` (worked lines ending "\\n#### <answer>"),
+    `answer` (the gold string, a non-negative integer)."""
+
+    question: str
+    solution: str
+    answer: str
+
+
+def _check_knobs(n_steps: int, max_start: int, max_add: int, max_mul: int, max_val: int) -> None:
+    # The generator's operand draws are only well-defined inside these ranges.
+    problems = []
+    if n_steps < 1:
+        problems.append(f"n_steps={n_steps} must be >= 1")
+    if not 1 <= max_start <= max_val:
+        problems.append(f"max_start={max_start} must be in 1..max_val ({max_val})")
+    if max_add < 1:
+        problems.append(f"max_add={max_add} must be >= 1")
+    if max_mul < 2:
+        problems.append(f"max_mul={max_mul} must be >= 2")
+    if problems:
+        raise SpoUserError("arithmetic task: " + "; ".join(problems))
+
+
+def make_problem(
+    rng: random.Random,
+    n_steps: int,
+    max_start: int = 20,
+    max_add: int = 20,
+    max_mul: int = 9,
+    max_val: int = 99,
+) -> ArithProblem:
+    """One problem with `n_steps` operations, drawn from `rng` (port of the spec's generator).
+
+    Same draws as the spec for every path where the spec's code runs; the one change: at x == 0 the
+    spec can pick "mul" and divide by zero (`max_val // x`), so "mul" at 0 becomes "add" exactly as
+    "sub" at 0 already does (the choice list is unchanged, so other draws are unaffected).
+    """
+    _check_knobs(n_steps, max_start, max_add, max_mul, max_val)
+    x = rng.randint(1, max_start)
+    words, lines = [f"Start at {x}."], []
+    for _ in range(n_steps):
+        ops = ["add", "sub"] + (["mul"] if 2 * x <= max_val else [])
+        if x >= max_val - 1:
+            ops.remove("add")
+        op = rng.choice(ops)
+        if op in ("sub", "mul") and x == 0:
+            op = "add"
+        if op == "add":
+            b = rng.randint(1, min(max_add, max_val - x))
+            y, word, sign = x + b, "Add", "+"
+        elif op == "sub":
+            b = rng.randint(1, min(max_add, x))
+            y, word, sign = x - b, "Minus", "-"
+        else:
+            b = rng.randint(2, min(max_mul, max_val // x))
+            y, word, sign = x * b, "Times", "*"
+        words.append(f"{word} {b}.")
+        lines.append(f"{x}{sign}{b}={y}")
+        x = y
+    return ArithProblem(
+        question=" ".join(words) + " Result?",
+        solution="\n".join(lines) + f"\n#### {x}",
+        answer=str(x),
+    )
+
+
+def held_out_problems(
+    seed: int, n_per_step: int, step_counts: Sequence[int], **knobs: int
+) -> list[ArithProblem]:
+    """`n_per_step` distinct problems for each step count, in order; deterministic in `seed`.
+
+    The spec's held-out set is seed-fixed, 200 per step count for 2, 3 and 4 steps. Questions are
+    distinct across the whole list (different step counts can never collide anyway).
+    `knobs` are make_problem's max_start / max_add / max_mul / max_val.
+    """
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    problems: list[ArithProblem] = []
+    for n_steps in step_counts:
+        found = 0
+        for _ in range(_MAX_TRIES_PER_PROBLEM * n_per_step):
+            if found == n_per_step:
+                break
+            problem = make_problem(rng, n_steps, **knobs)
+            if problem.question not in seen:
+                seen.add(problem.question)
+                problems.append(problem)
+                found += 1
+        if found < n_per_step:
+            raise SpoUserError(
+                f"arithmetic task: could not draw {n_per_step} distinct {n_steps}-step held-out problems "
+                f"(found {found}); lower the count or widen max_start/max_add/max_mul/max_val"
+            )
+    return problems
+
+
+def sample_problems(
+    rng: random.Random,
+    n: int,
+    min_steps: int,
+    max_steps: int,
+    exclude: frozenset[str] | set[str],
+    **knobs: int,
+) -> list[ArithProblem]:
+    """`n` training problems, n_steps ~ U{min_steps..max_steps}, skipping questions in `exclude`.
+
+    Repeats are allowed (the spec samples training problems on the fly); `exclude` is the held-out
+    question set. `knobs` are make_problem's max_start / max_add / max_mul / max_val.
+    """
+    if not 1 <= min_steps <= max_steps:
+        raise SpoUserError(f"arithmetic task: need 1 <= min_steps ({min_steps}) <= max_steps ({max_steps})")
+    problems: list[ArithProblem] = []
+    for _ in range(n):
+        for _ in range(_MAX_TRIES_PER_PROBLEM):
+            problem = make_problem(rng, rng.randint(min_steps, max_steps), **knobs)
+            if problem.question not in exclude:
+                problems.append(problem)
+                break
+        else:
+            raise SpoUserError(
+                f"arithmetic task: {_MAX_TRIES_PER_PROBLEM} draws in a row were all held-out questions; "
+                "the held-out set covers (almost) every problem with these steps and knobs"
+            )
+    return problems

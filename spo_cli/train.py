@@ -1,0 +1,363 @@
+"""The training loop: sample -> partition -> estimate -> optimize, with evaluation and checkpoints.
+
+This is the only module that knows the order of the stages. Every random stream is derived from
+(run.seed, stage, iteration), so a resumed run samples and shuffles exactly what an uninterrupted
+run would have.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from spo_cli.checkpoint import (
+    latest_checkpoint,
+    load_optimizer_state,
+    read_trainer_state,
+    save_checkpoint,
+    save_json,
+)
+from spo_cli.episode import Episode, write_episodes
+from spo_cli.errors import SpoUserError
+from spo_cli.estimate import estimate_advantages
+from spo_cli.fsutil import atomic_write_text, publish_dir
+from spo_cli.metrics import MetricsLog
+from spo_cli.partition import build_partitioner, partition_episodes
+from spo_cli.recipe import PretrainedModel, Recipe, Sft, TinyModel, dump_recipe
+from spo_cli.tasks import Task, apply_template, build_task, derive_seed
+
+WARM_START_DIR = "warm_start"
+
+
+@dataclass
+class Policy:
+    model: Any
+    tokenizer: Any
+
+
+def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
+    """Create (or reuse, when resuming) the run directory; refuse to clobber an old run by accident."""
+    run_dir = recipe.run.run_dir
+    has_content = run_dir.is_dir() and any(run_dir.iterdir())
+    if resume:
+        if not has_content:
+            raise SpoUserError(f"--resume: run directory {run_dir} does not exist or is empty; start without --resume")
+    elif has_content:
+        if not overwrite:
+            raise SpoUserError(
+                f"run directory {run_dir} already holds a run: pass --resume to continue it, --overwrite to "
+                "replace it, or set run.output_dir to a new folder"
+            )
+        import shutil
+
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def set_offline_defaults(recipe: Recipe) -> None:
+    """Never touch the network unless the recipe names a hub model or dataset."""
+    uses_hub = (isinstance(recipe.model, PretrainedModel) and not Path(recipe.model.name_or_path).exists()) or (
+        getattr(recipe.task, "dataset_name", None) is not None and getattr(recipe.task, "train_file", None) is None
+    )
+    if not uses_hub:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def initial_policy(recipe: Recipe, run_dir: Path) -> Policy:
+    """The policy before any training: a freshly built tiny model or a pretrained checkpoint."""
+    from spo_cli.models import build_byte_tokenizer, build_tiny_model, load_pretrained
+
+    spec = recipe.model
+    if isinstance(spec, TinyModel):
+        tokenizer = build_byte_tokenizer()
+        return Policy(build_tiny_model(spec, tokenizer, recipe.run.seed), tokenizer)
+    model, tokenizer = load_pretrained(spec)
+    return Policy(model, tokenizer)
+
+
+def warm_started_policy(recipe: Recipe, run_dir: Path, task: Task, runtime, console: Console) -> Policy:
+    """The policy RL starts from; the supervised warm start runs once and is saved in the run directory."""
+    from spo_cli.models import load_checkpoint, save_model
+
+    saved = run_dir / WARM_START_DIR
+    if isinstance(recipe.warm_start, Sft) and (saved / "config.json").is_file():
+        console.print(f"warm start: loading {saved}")
+        model, tokenizer = load_checkpoint(saved)
+        return Policy(model.to(runtime.device), tokenizer)
+    policy = initial_policy(recipe, run_dir)
+    policy.model.to(runtime.device)
+    if isinstance(recipe.warm_start, Sft):
+        from spo_cli.sft import run_sft
+
+        console.print(f"warm start: supervised fine-tuning for {recipe.warm_start.steps} steps")
+        stats = run_sft(policy.model, policy.tokenizer, task, recipe.warm_start, runtime, recipe.run.seed, console.print)
+        staging = run_dir / f".{WARM_START_DIR}.partial"
+        save_model(policy.model, policy.tokenizer, staging)
+        (staging / "sft_stats.json").write_text(json.dumps(stats, indent=2))
+        publish_dir(staging, saved)
+    return policy
+
+
+def sample_episodes(
+    sampler, tokenizer, task: Task, recipe: Recipe, iteration: int, params
+) -> tuple[list[Episode], dict[str, float]]:
+    problems = task.train_problems(iteration, recipe.sampling.prompts_per_iteration, recipe.run.seed)
+    prompts = [apply_template(tokenizer, task.format_prompt(p.question), task.use_chat_template) for p in problems]
+    if recipe.sampling.max_prompt_length is not None:
+        lengths = [len(ids) for ids in sampler.encode_prompts(prompts)]
+        kept = [i for i, n in enumerate(lengths) if n <= recipe.sampling.max_prompt_length]
+        problems, prompts = [problems[i] for i in kept], [prompts[i] for i in kept]
+        if not problems:
+            raise SpoUserError(f"`sampling.max_prompt_length` ({recipe.sampling.max_prompt_length}) drops every prompt")
+    groups = sampler.generate(prompts, params, seed=derive_seed(recipe.run.seed, "sample", iteration))
+    flat = [(p, prompt, c) for p, prompt, g in zip(problems, prompts, groups) for c in g]
+    rewards = task.rewards([c.text for _, _, c in flat], [p.gold for p, _, _ in flat], [c.finish_reason for _, _, c in flat])
+    episodes = [
+        Episode(
+            id=f"it{iteration}-{k}",
+            group_id=f"it{iteration}-{p.id}",
+            iteration=iteration,
+            prompt=prompt,
+            response=c.text,
+            gold=p.gold,
+            prompt_token_ids=c.prompt_token_ids,
+            response_token_ids=c.token_ids,
+            response_logprobs=c.logprobs,
+            finish_reason=c.finish_reason,
+            reward=r,
+        )
+        for k, ((p, prompt, c), r) in enumerate(zip(flat, rewards))
+    ]
+    return episodes, {"num_prompts": float(len(problems))}
+
+
+def rollout_metrics(episodes: list[Episode]) -> dict[str, float]:
+    from spo_cli.evaluate import accuracy
+
+    rewards = [ep.reward for ep in episodes]
+    n = len(rewards)
+    mean = sum(rewards) / n
+    std = (sum((r - mean) ** 2 for r in rewards) / n) ** 0.5
+    by_group: dict[str, list[float]] = {}
+    for ep in episodes:
+        by_group.setdefault(ep.group_id, []).append(ep.reward)
+    lengths = [len(ep.response_token_ids) for ep in episodes]
+    return {
+        "reward": mean,
+        "reward_std": std,
+        "accuracy": accuracy(rewards),
+        "frac_reward_zero_std": sum(1 for g in by_group.values() if max(g) == min(g)) / len(by_group),
+        "completions/mean_length": sum(lengths) / n,
+        "completions/max_length": float(max(lengths)),
+        "completions/clipped_ratio": sum(1 for ep in episodes if ep.finish_reason == "length") / n,
+    }
+
+
+def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, console: Console | None = None) -> dict[str, Any]:
+    """Run (or resume) a whole training job; returns the final summary (also saved as summary.json)."""
+    import torch
+
+    from spo_cli.evaluate import evaluate_policy
+    from spo_cli.hardware import resolve_runtime
+    from spo_cli.models import load_checkpoint
+    from spo_cli.optimize.schedule import build_scheduler
+    from spo_cli.optimize.step import ppo_update, steps_per_iteration
+    from spo_cli.sample import build_sampler, sampling_params
+
+    console = console or Console()
+    run_dir = prepare_run_dir(recipe, resume, overwrite)
+    set_offline_defaults(recipe)
+    runtime = resolve_runtime(recipe.hardware)
+    task = build_task(recipe.task, recipe.sampling.prompts_per_iteration)
+    seed = recipe.run.seed
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    saved_recipe = run_dir / "recipe.resolved.yaml"
+    if resume and saved_recipe.is_file() and saved_recipe.read_text() != dump_recipe(recipe):
+        console.print("[yellow]warning:[/] the recipe differs from the one this run started with")
+    atomic_write_text(saved_recipe, dump_recipe(recipe))
+
+    policy = warm_started_policy(recipe, run_dir, task, runtime, console)
+    ref_model = None
+    if recipe.loss.beta > 0:
+        ref_model = copy.deepcopy(policy.model).eval().requires_grad_(False)
+    if ckpt is not None:
+        state = read_trainer_state(ckpt)
+        model, tokenizer = load_checkpoint(ckpt / "model")
+        policy = Policy(model.to(runtime.device), tokenizer)
+        start = state["iteration"] + 1
+        console.print(f"resuming from {ckpt} (iteration {state['iteration']})")
+    else:
+        start = 1
+    model, tokenizer = policy.model, policy.tokenizer
+    if recipe.hardware.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = True
+
+    optim = recipe.optim
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=optim.learning_rate,
+        betas=(optim.adam_beta1, optim.adam_beta2),
+        eps=optim.adam_epsilon,
+        weight_decay=optim.weight_decay,
+    )
+    per_iter = steps_per_iteration(recipe.sampling.prompts_per_iteration * recipe.sampling.num_generations, recipe.train)
+    total_steps = per_iter * (optim.schedule_iterations or recipe.train.iterations)
+    warmup = optim.warmup_steps if optim.warmup_steps is not None else round(optim.warmup_ratio * total_steps)
+    scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup, kind=optim.lr_scheduler_type)
+    if ckpt is not None:
+        load_optimizer_state(ckpt, optimizer, scheduler)
+
+    sampler = build_sampler(recipe.sampling, model, tokenizer, runtime)
+    params = sampling_params(recipe.sampling, task.stop)
+    partitioner = build_partitioner(recipe.partition)
+    # Resuming drops the records of iterations after the checkpoint: they are about to be redone.
+    metrics_log = MetricsLog(run_dir, recipe.logging.tensorboard, resume_iteration=start - 1 if resume else None)
+    eval_problems = task.eval_problems()
+    eval_tokens = recipe.eval.max_completion_length or recipe.sampling.max_completion_length
+
+    def run_eval(tag: str, iteration: int) -> dict[str, float]:
+        result = evaluate_policy(
+            sampler, tokenizer, task, eval_problems, recipe.eval, eval_tokens,
+            seed=derive_seed(seed, "eval"), keep_eos_token=recipe.sampling.keep_eos_token,
+        )  # fmt: skip
+        save_json(run_dir / f"eval_{tag}.json", {"iteration": iteration, **result})
+        console.print(f"eval ({tag}, iteration {iteration}): " + _fmt(result, "eval/"))
+        return result
+
+    before = _read_json(run_dir / "eval_before.json")
+    if recipe.eval.before_training and eval_problems and before is None:
+        before = run_eval("before", 0)
+
+    progress = _progress(console, recipe.logging.progress)
+    wall0 = time.perf_counter()
+    with progress:
+        bar = progress.add_task("RL", total=recipe.train.iterations, completed=start - 1)
+        for iteration in range(start, recipe.train.iterations + 1):
+            t0 = time.perf_counter()
+            episodes, sample_stats = sample_episodes(sampler, tokenizer, task, recipe, iteration, params)
+            t_sample = time.perf_counter() - t0
+            episodes = estimate_advantages(partition_episodes(episodes, partitioner), recipe.estimator)
+            t1 = time.perf_counter()
+            update = ppo_update(
+                model, optimizer, scheduler, episodes,
+                loss=recipe.loss, train=recipe.train, max_grad_norm=optim.max_grad_norm,
+                temperature=recipe.sampling.temperature, runtime=runtime, pad_id=tokenizer.pad_token_id,
+                rng=random.Random(derive_seed(seed, "shuffle", iteration)), ref_model=ref_model,
+            )  # fmt: skip
+            t_opt = time.perf_counter() - t1
+            tokens = sum(len(ep.response_token_ids) for ep in episodes)
+            record: dict[str, Any] = {
+                "iteration": iteration,
+                **rollout_metrics(episodes),
+                **update,
+                **sample_stats,
+                "tokens_per_second": tokens / max(t_sample, 1e-9),
+                "time/sample_s": t_sample,
+                "time/optimize_s": t_opt,
+                "time/iteration_s": time.perf_counter() - t0,
+            }
+            if recipe.logging.save_episodes:
+                write_episodes(run_dir / "episodes" / f"iter_{iteration:06d}.jsonl", episodes)
+            show = iteration == start or iteration % recipe.train.save_steps == 0
+            _log_completions(run_dir, episodes, recipe.logging.log_completions, iteration, console, show)
+            if recipe.eval.eval_steps and iteration % recipe.eval.eval_steps == 0 and iteration < recipe.train.iterations:
+                record.update(run_eval(f"iter_{iteration:06d}", iteration))
+            metrics_log.log(record)
+            console.print(f"it {iteration}/{recipe.train.iterations}  " + _fmt(record))
+            progress.update(bar, completed=iteration)
+            if iteration % recipe.train.save_steps == 0 or iteration == recipe.train.iterations:
+                save_checkpoint(
+                    run_dir, iteration, model, tokenizer, optimizer, scheduler,
+                    {"data_position": iteration * recipe.sampling.prompts_per_iteration, "seed": seed},
+                    keep=recipe.train.save_total_limit,
+                )  # fmt: skip
+    after = None
+    if recipe.eval.after_training and eval_problems:
+        after = _read_json(run_dir / "eval_after.json") if start > recipe.train.iterations else None
+        after = after or run_eval("after", recipe.train.iterations)
+    metrics_log.close()
+    task.close()
+    summary = {
+        "run_dir": str(run_dir),
+        "iterations": recipe.train.iterations,
+        "rl_seconds": time.perf_counter() - wall0,
+        "eval_before": _strip(before),
+        "eval_after": _strip(after),
+        "final_checkpoint": str(latest_checkpoint(run_dir)),
+    }
+    save_json(run_dir / "summary.json", summary)
+    if before and after:
+        for key in ("greedy_accuracy", "sampled_accuracy"):
+            if f"eval/{key}" in before:
+                console.print(
+                    f"[bold]held-out {key.replace('_', ' ')}: before RL {before[f'eval/{key}']:.3f} -> "
+                    f"after RL {after[f'eval/{key}']:.3f}[/]"
+                )
+    return summary
+
+
+def _strip(result: dict | None) -> dict | None:
+    return None if result is None else {k.removeprefix("eval/"): v for k, v in result.items() if k != "iteration"}
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+_SHOWN = ("reward", "accuracy", "kl", "clip_ratio", "entropy", "grad_norm", "completions/mean_length", "tokens_per_second", "time/iteration_s")
+
+
+def _fmt(record: dict[str, Any], prefix: str | None = None) -> str:
+    keys = [k for k in record if k.startswith(prefix)] if prefix else [k for k in _SHOWN if k in record]
+    parts = []
+    for k in keys:
+        v = record[k]
+        name = k.removeprefix(prefix or "").split("/")[-1]
+        parts.append(f"{name} {v:.0f}" if abs(v) >= 100 else f"{name} {v:.3f}")
+    return "  ".join(parts)
+
+
+def _log_completions(
+    run_dir: Path, episodes: list[Episode], n: int, iteration: int, console: Console, show: bool
+) -> None:
+    if n <= 0:
+        return
+    shown = episodes[:n]
+    with (run_dir / "completions.jsonl").open("a", encoding="utf-8") as fh:
+        for ep in shown:
+            row = {"iteration": iteration, "prompt": ep.prompt, "completion": ep.response, "reward": ep.reward}
+            fh.write(json.dumps(row) + "\n")
+    if show:
+        from rich.panel import Panel
+        from rich.text import Text
+
+        ep = shown[0]
+        body = Text(ep.prompt) + Text(ep.response, style="bold")
+        console.print(Panel(body, title=f"iteration {iteration}, reward {ep.reward:g}", expand=False))
+
+
+def _progress(console: Console, enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not (enabled and console.is_terminal),
+        transient=True,
+    )

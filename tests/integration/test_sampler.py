@@ -1,0 +1,99 @@
+"""The HF sampler on a tiny local model: log-probs, seeding, EOS and stop strings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from spo_cli.hardware import Runtime
+from spo_cli.policy import collate, forward_logprobs
+from spo_cli.sample import SamplingParams
+from spo_cli.sample.hf import HFSampler
+
+CPU = Runtime(device="cpu", bf16=False)
+
+
+@pytest.fixture
+def sampler(tiny_policy):
+    model, tokenizer = tiny_policy
+    return HFSampler(model, tokenizer, CPU, generation_batch_size=8)
+
+
+def test_shapes_and_logprobs_match_a_forward_pass(sampler, tiny_policy):
+    model, tokenizer = tiny_policy
+    prompts = ["Start at 3. Add 4. Result?", "Start at 10. Times 2. Minus 1. Result?", "x"]
+    params = SamplingParams(n=3, temperature=0.7, max_new_tokens=12)
+    groups = sampler.generate(prompts, params, seed=1)
+    assert [len(g) for g in groups] == [3, 3, 3]
+    for prompt, group in zip(prompts, groups):
+        for c in group:
+            assert c.prompt_token_ids == tokenizer(prompt)["input_ids"]
+            assert len(c.logprobs) == len(c.token_ids) <= 12
+            assert all(lp <= 0 and math.isfinite(lp) for lp in c.logprobs)
+            assert c.finish_reason in ("stop", "length")
+            if c.finish_reason == "length":
+                assert len(c.token_ids) == 12
+    # Recompute one completion's log-probs by hand: log_softmax(logits / T) at each sampled token.
+    c = groups[1][0]
+    ids = torch.tensor([c.prompt_token_ids + c.token_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(c.prompt_token_ids) - 1 : -1] / 0.7
+    manual = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(c.logprobs), manual, atol=1e-4)
+
+
+def test_same_seed_same_samples_and_global_rng_untouched(sampler):
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=10)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = sampler.generate(["Start at 5. Add 1. Result?"], params, seed=7)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = sampler.generate(["Start at 5. Add 1. Result?"], params, seed=7)
+    c = sampler.generate(["Start at 5. Add 1. Result?"], params, seed=8)
+    assert [x.token_ids for x in a[0]] == [x.token_ids for x in b[0]]
+    assert [x.token_ids for x in a[0]] != [x.token_ids for x in c[0]]
+
+
+def test_chunking_does_not_change_results(tiny_policy):
+    model, tokenizer = tiny_policy
+    params = SamplingParams(n=2, temperature=0.0, max_new_tokens=8)
+    prompts = [f"Start at {i}. Add 2. Result?" for i in range(5)]
+    big = HFSampler(model, tokenizer, CPU, generation_batch_size=64).generate(prompts, params, seed=0)
+    small = HFSampler(model, tokenizer, CPU, generation_batch_size=2).generate(prompts, params, seed=0)
+    assert [[c.text for c in g] for g in big] == [[c.text for c in g] for g in small]
+
+
+def test_eos_and_stop_string_handling(sampler, tiny_policy):
+    _, tok = tiny_policy
+    eos = tok.eos_token_id
+    body = tok("12+3=15\n#### 15", add_special_tokens=False)["input_ids"]
+    keep = SamplingParams(keep_eos_token=True)
+    drop = SamplingParams(keep_eos_token=False)
+    assert sampler._finish(body + [eos, tok.pad_token_id], keep) == (body + [eos], "12+3=15\n#### 15", "stop")
+    assert sampler._finish(body + [eos], drop) == (body, "12+3=15\n#### 15", "stop")
+    assert sampler._finish(body, keep) == (body, "12+3=15\n#### 15", "length")
+    stop = SamplingParams(stop=("\n####",))
+    ids, text, reason = sampler._finish(body + [eos], stop)
+    assert (text, reason) == ("12+3=15", "stop") and tok.decode(ids) == "12+3=15"
+
+
+def test_policy_collate_alignment():
+    batch = collate([[1, 2], [3]], [[7, 8, 9], [6]], pad_id=0)
+    assert batch.input_ids.tolist() == [[1, 2, 7, 8, 9], [3, 6, 0, 0, 0]]
+    # position j scores token j+1: response tokens of row 0 are at 1..3, of row 1 at 0
+    assert batch.response_mask.tolist() == [[0, 1, 1, 1], [1, 0, 0, 0]]
+    placed = batch.scatter([[0.1, 0.2, 0.3], [0.5]])
+    assert torch.allclose(placed, torch.tensor([[0, 0.1, 0.2, 0.3], [0.5, 0, 0, 0]]))
+    assert batch.gather(placed) == [pytest.approx([0.1, 0.2, 0.3]), pytest.approx([0.5])]
+
+
+def test_right_padding_does_not_change_logprobs(tiny_policy):
+    model, _ = tiny_policy
+    alone = collate([[5, 6, 7]], [[8, 9]], pad_id=0)
+    padded = collate([[5, 6, 7], [5, 6, 7, 8, 9, 10, 11]], [[8, 9], [12, 13, 14]], pad_id=0)
+    with torch.no_grad():
+        a, _ = forward_logprobs(model, alone, 1.0)
+        b, _ = forward_logprobs(model, padded, 1.0)
+    assert torch.allclose(torch.tensor(alone.gather(a)[0]), torch.tensor(padded.gather(b)[0]), atol=1e-5)

@@ -1,0 +1,115 @@
+"""End-to-end training on a tiny local model: artifacts, metrics, and kill + resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from spo_cli.recipe import parse_recipe
+
+from ..conftest import REPO, tiny_recipe_dict, write_recipe
+
+DETERMINISTIC = ["reward", "accuracy", "policy_loss", "entropy", "grad_norm", "kl", "completions/mean_length", "learning_rate"]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_writes_every_artifact(tmp_path):
+    from rich.console import Console
+
+    from spo_cli.train import train
+
+    recipe = parse_recipe(tiny_recipe_dict(tmp_path, loss={"beta": 0.01, "whiten_advantages": True}))
+    summary = train(recipe, console=Console(file=open(os.devnull, "w")))
+    run = tmp_path / "run"
+    rows = read_metrics(run)
+    assert [r["iteration"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        for key in ("reward", "accuracy", "kl", "clip_ratio", "entropy", "tokens_per_second", "time/iteration_s", "grad_norm"):
+            assert math.isfinite(r[key]), key
+        assert 0 <= r["clip_ratio"] <= 1 and 0 <= r["accuracy"] <= 1
+        assert r["optimizer_steps"] == 4  # 16 episodes / (4 x 2) per step x 2 epochs
+    assert rows[0]["kl"] < 1e-3 and rows[-1]["kl"] > 0, "KL to the reference starts at 0 and moves"
+    # checkpoints: only the newest 2 kept, each loadable HF format
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("iter_"))
+    assert ckpts == ["iter_000002", "iter_000003"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "iter_000003"
+    for name in ("model/config.json", "model/model.safetensors", "model/tokenizer.json", "optimizer.pt", "trainer_state.json"):
+        assert (run / "checkpoints" / "iter_000003" / name).is_file(), name
+    assert (run / "warm_start" / "config.json").is_file()
+    assert parse_recipe(__import__("yaml").safe_load((run / "recipe.resolved.yaml").read_text())) == recipe
+    assert any((run / "tensorboard").iterdir())
+    assert len((run / "episodes" / "iter_000002.jsonl").read_text().splitlines()) == 16
+    assert (run / "completions.jsonl").is_file()
+    assert summary["eval_before"]["num_problems"] == 8 and "sampled_accuracy" in summary["eval_after"]
+    assert json.loads((run / "summary.json").read_text())["final_checkpoint"].endswith("iter_000003")
+
+
+def test_existing_run_dir_is_not_clobbered(tmp_path):
+    from spo_cli.errors import SpoUserError
+    from spo_cli.train import prepare_run_dir
+
+    recipe = parse_recipe(tiny_recipe_dict(tmp_path))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(SpoUserError, match="--resume"):
+        prepare_run_dir(recipe, resume=False, overwrite=False)
+    with pytest.raises(SpoUserError, match="does not exist or is empty"):
+        prepare_run_dir(parse_recipe(tiny_recipe_dict(tmp_path / "other")), resume=True, overwrite=False)
+
+
+def spo(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spo_cli", *args], cwd=REPO, capture_output=True, text=True, **kw)
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    # One-operation problems and a longer warm start: some groups get mixed rewards, so the run
+    # really updates the policy and the optimizer state matters for the comparison.
+    sections = dict(
+        train={"iterations": 5, "save_steps": 1, "save_total_limit": 1},
+        task={"min_steps": 1, "max_steps": 1, "sft_min_steps": 1, "sft_max_steps": 1, "eval_steps": [1], "eval_per_step": 8},
+        warm_start={"steps": 300, "batch_size": 16, "log_every": 100},
+    )
+    ref = write_recipe(tmp_path / "ref.yaml", tiny_recipe_dict(tmp_path / "ref", **sections))
+    killed = write_recipe(tmp_path / "killed.yaml", tiny_recipe_dict(tmp_path / "killed", **sections))
+
+    done = spo("train", str(ref), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    run = tmp_path / "killed" / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "spo_cli", "train", str(killed)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / "iter_000002").is_dir():
+        assert proc.poll() is None, "run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "summary.json").exists()
+
+    resumed = spo("train", str(killed), "--resume", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+
+    a, b = read_metrics(tmp_path / "ref" / "run"), read_metrics(run)
+    assert [r["iteration"] for r in b] == [1, 2, 3, 4, 5]
+    assert sum(r["optimizer_steps"] for r in a[2:]) > 0, "the resumed part of the run must train"
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for key in DETERMINISTIC:
+            if key in ra:
+                assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-9), (ra["iteration"], key)
+    sa = json.loads((tmp_path / "ref" / "run" / "summary.json").read_text())
+    sb = json.loads((run / "summary.json").read_text())
+    assert sa["eval_before"] == sb["eval_before"] and sa["eval_after"] == sb["eval_after"]

@@ -1,0 +1,56 @@
+"""GRPO group advantages, checked against values worked out by hand."""
+
+import math
+
+import pytest
+
+from spo_cli.estimate import group_advantages
+
+EPS = 1e-8
+
+
+def test_one_group_population_std():
+    # mean 0.5; population std sqrt(mean((+-0.5)^2)) = 0.5 (the sample std would be 0.577).
+    adv = group_advantages([1.0, 0.0, 1.0, 0.0], ["q"] * 4)
+    scale = 0.5 / (0.5 + EPS)
+    assert adv == pytest.approx([scale, -scale, scale, -scale], abs=1e-12)
+
+
+def test_three_members_uneven():
+    # [0, 0, 3]: mean 1, population var (1 + 1 + 4) / 3 = 2.
+    adv = group_advantages([0.0, 0.0, 3.0], [7, 7, 7], eps=0.0)
+    s = math.sqrt(2.0)
+    assert adv == pytest.approx([-1 / s, -1 / s, 2 / s], abs=1e-12)
+
+
+def test_without_std_scaling():
+    adv = group_advantages([1.0, 0.0, 1.0, 0.0], ["q"] * 4, scale_by_std=False)
+    assert adv == pytest.approx([0.5, -0.5, 0.5, -0.5], abs=1e-12)
+
+
+def test_interleaved_groups():
+    # group a: [1, 0] -> mean 0.5, std 0.5; group b: [2, 4] -> mean 3, std 1.
+    adv = group_advantages([1.0, 2.0, 0.0, 4.0], ["a", "b", "a", "b"])
+    expected = [0.5 / (0.5 + EPS), -1 / (1 + EPS), -0.5 / (0.5 + EPS), 1 / (1 + EPS)]
+    assert adv == pytest.approx(expected, abs=1e-12)
+
+
+def test_all_equal_group_is_exactly_zero():
+    # 0.1 * 3 / 3 != 0.1 in floating point; the residue must not be blown up by eps.
+    adv = group_advantages([0.1, 0.1, 0.1, 1.0, 0.0], [0, 0, 0, 1, 1])
+    assert adv[:3] == [0.0, 0.0, 0.0]
+    assert adv[3:] == pytest.approx([1.0, -1.0], abs=1e-7)
+
+
+def test_singleton_group_is_zero():
+    assert group_advantages([5.0, 1.0, 0.0], ["solo", "g", "g"])[0] == 0.0
+    assert group_advantages([3.0], ["solo"], scale_by_std=False) == [0.0]
+
+
+def test_empty_input():
+    assert group_advantages([], []) == []
+
+
+def test_length_mismatch():
+    with pytest.raises(ValueError, match="same length"):
+        group_advantages([1.0, 0.0], ["a"])

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from spo_cli.episode import Episode, Segment, read_episodes, token_advantages, write_episodes
+from spo_cli.errors import SpoUserError
+
+
+def make_episode(**kw) -> Episode:
+    base = dict(
+        id="e0",
+        group_id="g0",
+        prompt="2+2=",
+        response="4",
+        prompt_token_ids=[1, 2, 3],
+        response_token_ids=[4, 5, 6],
+        response_logprobs=[-0.1, -0.2, -0.3],
+        finish_reason="stop",
+        reward=1.0,
+    )
+    base.update(kw)
+    return Episode(**base)
+
+
+def test_jsonl_round_trip(tmp_path):
+    eps = [make_episode(), make_episode(id="e1", segments=[Segment(start=0, end=1), Segment(start=1, end=3, advantage=0.5)])]
+    path = tmp_path / "eps.jsonl"
+    write_episodes(path, eps)
+    assert read_episodes(path) == eps
+    assert json.loads(path.read_text().splitlines()[0])["schema_version"] == 1
+    assert not list(tmp_path.glob(".*tmp*")), "temporary file left behind"
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    path = tmp_path / "eps.jsonl"
+    write_episodes(path, [make_episode()])
+    path.write_text(path.read_text() + "{not json\n")
+    with pytest.raises(SpoUserError, match=rf"{path}:2: not valid JSON"):
+        read_episodes(path)
+
+
+def test_invalid_record_names_field_and_line(tmp_path):
+    path = tmp_path / "eps.jsonl"
+    row = make_episode().model_dump()
+    row["response_logprobs"] = [-0.1]
+    path.write_text("\n" + json.dumps(row) + "\n")
+    with pytest.raises(SpoUserError, match=rf"{path}:2: bad episode: .*1 entries for 3 response tokens"):
+        read_episodes(path)
+    row = make_episode().model_dump()
+    row["finish_reason"] = "eos"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(SpoUserError, match=rf"{path}:1: bad episode: finish_reason"):
+        read_episodes(path)
+
+
+def test_schema_version_mismatch(tmp_path):
+    path = tmp_path / "eps.jsonl"
+    row = make_episode().model_dump()
+    row["schema_version"] = 99
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(SpoUserError, match="schema_version 99"):
+        read_episodes(path)
+
+
+def test_missing_file():
+    with pytest.raises(SpoUserError, match="episode file not found"):
+        read_episodes("/nonexistent/eps.jsonl")
+
+
+@pytest.mark.parametrize(
+    "spans",
+    [[(0, 2)], [(0, 1), (2, 3)], [(0, 2), (2, 4)], [(1, 3)], [(0, 0), (0, 3)]],
+    ids=["short", "gap", "overrun", "late-start", "empty-segment"],
+)
+def test_segments_must_cover_the_response(spans):
+    with pytest.raises(ValueError):
+        make_episode(segments=[Segment(start=s, end=e) for s, e in spans])
+
+
+def test_token_advantages_broadcast_segments():
+    ep = make_episode(segments=[Segment(start=0, end=1, advantage=-1.0), Segment(start=1, end=3, advantage=2.0)])
+    assert token_advantages(ep) == [-1.0, 2.0, 2.0]
+    with pytest.raises(ValueError, match="partition"):
+        token_advantages(make_episode())
+    with pytest.raises(ValueError, match="estimate"):
+        token_advantages(make_episode(segments=[Segment(start=0, end=3)]))
