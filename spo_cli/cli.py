@@ -152,7 +152,9 @@ def recipe_schema() -> None:
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns the code of a typer.Exit instead of exiting.
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except SpoUserError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)

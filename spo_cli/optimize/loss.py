@@ -305,9 +305,9 @@ def _check_logits(logits: Tensor, labels: Tensor | None, temperature: float) -> 
 def token_log_probs(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
     """Gather ``log_softmax(logits / temperature)`` at ``labels``, in float32.
 
-    Computed as ``logit[label] - logsumexp(logits)`` one sequence at a time, so at most one
-    ``[T, V]`` float32 copy of a (possibly bf16) row exists at once instead of a full
-    ``[B, T, V]`` log-softmax. Differentiable w.r.t. ``logits``.
+    Computed as ``logit[label] - logsumexp(logits)`` a few sequences at a time (at most
+    ``_CHUNK_ELEMENTS`` logits), so no full ``[B, T, V]`` float32 log-softmax of a (possibly bf16)
+    batch is materialised. Differentiable w.r.t. ``logits``.
 
     Args:
         logits (Tensor): ``[B, T, V]`` logits aligned with ``labels`` (already shifted).
@@ -325,19 +325,19 @@ def token_log_probs(logits: Tensor, labels: Tensor, temperature: float = 1.0) ->
     if logits.shape[0] == 0:
         return logits.new_zeros(labels.shape, dtype=torch.float32)
     rows = []
-    for row_logits, row_labels in zip(logits, labels):
-        z = row_logits.float()
+    for start, stop in _row_chunks(logits):
+        z = logits[start:stop].float()
         if temperature != 1.0:
             z = z / temperature
-        picked = z.gather(-1, row_labels.long().unsqueeze(-1)).squeeze(-1)
+        picked = z.gather(-1, labels[start:stop].long().unsqueeze(-1)).squeeze(-1)
         rows.append(picked - torch.logsumexp(z, dim=-1))
-    return torch.stack(rows)
+    return torch.cat(rows)
 
 
 def token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Entropy of ``softmax(logits / temperature)`` at every position, in float32.
 
-    Meant for metrics; call it under ``torch.no_grad()``. Processes one sequence at a time
+    Meant for metrics; call it under ``torch.no_grad()``. Processes a few sequences at a time
     for the same memory reason as :func:`token_log_probs`; ``-inf`` logits (banned tokens)
     contribute 0.
 
@@ -355,8 +355,8 @@ def token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     if logits.shape[0] == 0:
         return logits.new_zeros(logits.shape[:2], dtype=torch.float32)
     rows = []
-    for row_logits in logits:
-        z = row_logits.float()
+    for start, stop in _row_chunks(logits):
+        z = logits[start:stop].float()
         if temperature != 1.0:
             z = z / temperature
         log_z = torch.logsumexp(z, dim=-1)
@@ -364,4 +364,15 @@ def token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
         # 0 * -inf is NaN; a zero-probability token contributes nothing to the entropy.
         expected_logit = torch.where(p > 0, p * z, z.new_zeros(())).sum(dim=-1)
         rows.append(log_z - expected_logit)
-    return torch.stack(rows)
+    return torch.cat(rows)
+
+
+# Logits per chunk in token_log_probs / token_entropy: 2**24 float32 values = 64 MiB.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _row_chunks(logits: Tensor) -> list[tuple[int, int]]:
+    """Row ranges of ``logits`` [B, T, V] holding at most ``_CHUNK_ELEMENTS`` values (>= 1 row)."""
+    per_row = max(1, logits.shape[1] * logits.shape[2])
+    step = max(1, _CHUNK_ELEMENTS // per_row)
+    return [(i, min(i + step, logits.shape[0])) for i in range(0, logits.shape[0], step)]

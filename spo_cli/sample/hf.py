@@ -7,19 +7,17 @@ from collections.abc import Sequence
 import torch
 
 from spo_cli.hardware import Runtime
-from spo_cli.policy import score_responses
 from spo_cli.sample import Completion, SamplingParams
 
 
 class HFSampler:
     """Generates with the live policy module, so it always samples the current weights (no sync step)."""
 
-    def __init__(self, model, tokenizer, runtime: Runtime, generation_batch_size: int = 256, score_batch_size: int = 64):
+    def __init__(self, model, tokenizer, runtime: Runtime, generation_batch_size: int = 256):
         self.model = model
         self.tokenizer = tokenizer
         self.runtime = runtime
         self.generation_batch_size = generation_batch_size
-        self.score_batch_size = score_batch_size
 
     def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
         return [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
@@ -30,7 +28,7 @@ class HFSampler:
             return []
         prompt_ids = self.encode_prompts(prompts)
         per_call = max(1, self.generation_batch_size // params.n)
-        raw: list[list[list[int]]] = []
+        raw: list[list[tuple[list[int], list[float]]]] = []
         was_training = self.model.training
         self.model.eval()
         # fork_rng keeps sampling from touching the process-wide RNG: each call's randomness is a
@@ -43,34 +41,30 @@ class HFSampler:
                     raw.extend(self._generate_chunk(prompt_ids[start : start + per_call], params))
         finally:
             self.model.train(was_training)
-        flat_prompts, flat_responses, meta = [], [], []
+        completions = []
         for ids, outs in zip(prompt_ids, raw):
-            for tokens in outs:
+            group = []
+            for tokens, logprobs in outs:
                 response, text, reason = self._finish(tokens, params)
-                flat_prompts.append(ids)
-                flat_responses.append(response)
-                meta.append((text, reason))
-        if not params.logprobs:
-            logprobs = [[] for _ in flat_responses]
-        else:
-            logprobs = score_responses(
-                self.model,
-                flat_prompts,
-                flat_responses,
-                pad_id=self.tokenizer.pad_token_id,
-                temperature=params.temperature or 1.0,  # greedy: report untempered log-probs
-                batch_size=self.score_batch_size,
-                device=self.runtime.device,
-                autocast=self.runtime.autocast,
-            )
-        completions = [
-            Completion(prompt_token_ids=list(p), token_ids=r, text=t, finish_reason=f, logprobs=lp)
-            for p, r, (t, f), lp in zip(flat_prompts, flat_responses, meta, logprobs)
-        ]
-        return [completions[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
+                group.append(
+                    Completion(
+                        prompt_token_ids=list(ids),
+                        token_ids=response,
+                        text=text,
+                        finish_reason=reason,
+                        logprobs=logprobs[: len(response)] if params.logprobs else [],
+                    )
+                )
+            completions.append(group)
+        return completions
 
     @torch.no_grad()
-    def _generate_chunk(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[list[list[int]]]:
+    def _generate_chunk(
+        self, prompt_ids: list[list[int]], params: SamplingParams
+    ) -> list[list[tuple[list[int], list[float]]]]:
+        """Raw generated tokens (up to max_new_tokens, padding after the end) and their log-probs."""
+        from transformers import GenerationConfig, LogitsProcessorList
+
         tok = self.tokenizer
         width = max(len(p) for p in prompt_ids)
         # Left padding: every prompt ends at the same column, where generation starts.
@@ -82,25 +76,34 @@ class HFSampler:
         greedy = params.temperature == 0.0
         # Greedy decoding gives n identical copies: decode once and repeat (HF refuses n > 1 here).
         n_decode = 1 if greedy else params.n
-        kwargs = dict(
+        # A fresh config, so a checkpoint's generation_config (repetition_penalty, top_k, ...) cannot
+        # make the sampling policy differ from the policy the loss trains.
+        config = GenerationConfig(
             max_new_tokens=params.max_new_tokens,
             do_sample=not greedy,
             num_return_sequences=n_decode,
+            temperature=params.temperature if not greedy else None,
+            top_p=params.top_p if not greedy else None,
+            top_k=(params.top_k or None) if not greedy else None,
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
+            stop_strings=list(params.stop) or None,
         )
-        if not greedy:
-            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
-        if params.stop:
-            kwargs.update(stop_strings=list(params.stop), tokenizer=tok)
+        recorder = LogprobRecorder(params.temperature or 1.0) if params.logprobs else None
         with self.runtime.autocast():
             out = self.model.generate(
-                input_ids=input_ids.to(self.runtime.device), attention_mask=attention.to(self.runtime.device), **kwargs
+                input_ids=input_ids.to(self.runtime.device),
+                attention_mask=attention.to(self.runtime.device),
+                generation_config=config,
+                logits_processor=LogitsProcessorList([recorder] if recorder else []),
+                tokenizer=tok if params.stop else None,
             )
-        new = out[:, width:].tolist()
+        new = out[:, width:]
+        logprobs = recorder.finish(new).tolist() if recorder else [[] for _ in range(len(new))]
+        rows = list(zip(new.tolist(), logprobs))
         if greedy:
-            return [[list(row) for _ in range(params.n)] for row in new]
-        return [new[i * params.n : (i + 1) * params.n] for i in range(len(prompt_ids))]
+            return [[rows[i]] * params.n for i in range(len(prompt_ids))]
+        return [rows[i * params.n : (i + 1) * params.n] for i in range(len(prompt_ids))]
 
     def _finish(self, tokens: list[int], params: SamplingParams) -> tuple[list[int], str, str]:
         """Cut raw generated tokens at EOS or a stop string: (response ids, text, finish_reason)."""
@@ -125,3 +128,35 @@ class HFSampler:
         if eos_at is not None:
             return (body + [eos] if params.keep_eos_token else body), text, "stop"
         return body, text, "length"
+
+
+class LogprobRecorder:
+    """A logits processor that records log pi(token) of every sampled token at `temperature`.
+
+    generate() runs custom processors before its temperature/top-k/top-p warpers, so the scores seen
+    here are the model's logits. The token sampled from step t's scores is only known at step t+1
+    (or, for the last step, from the final sequences), so one step's log-softmax is kept at a time
+    and only [B] floats per step are stored: the memory of a vocabulary-sized row per sequence, not
+    per generated token.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.previous: torch.Tensor | None = None  # [B, V] log-softmax of the last step
+        self.steps: list[torch.Tensor] = []  # [B] per generated token
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """[B, T] log-probs of `new_tokens` (the generated part of the sequences)."""
+        if self.previous is not None:
+            last = new_tokens[:, len(self.steps) : len(self.steps) + 1]
+            self.steps.append(self.previous.gather(1, last).squeeze(1))
+            self.previous = None
+        if not self.steps:
+            return torch.zeros(new_tokens.shape, dtype=torch.float32)
+        return torch.stack(self.steps, dim=1).float().cpu()
