@@ -10,10 +10,25 @@ from typing import Any
 from spo_cli.fsutil import atomic_write_text
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSONL log; a torn last line (the process was killed mid-write) is dropped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise
+    return records
+
+
+def truncate_records(path: Path, last_iteration: int) -> None:
+    """Keep only records of iterations <= last_iteration (those after it are about to be redone)."""
+    kept = [r for r in read_records(path) if r.get("iteration", 0) <= last_iteration]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 class MetricsLog:
@@ -22,8 +37,7 @@ class MetricsLog:
     def __init__(self, run_dir: Path, tensorboard: bool, resume_iteration: int | None = None):
         self.path = run_dir / "metrics.jsonl"
         if resume_iteration is not None:
-            kept = [r for r in read_metrics(self.path) if r.get("iteration", 0) <= resume_iteration]
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            truncate_records(self.path, resume_iteration)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -29,7 +29,7 @@ from spo_cli.episode import Episode, write_episodes
 from spo_cli.errors import SpoUserError
 from spo_cli.estimate import estimate_advantages
 from spo_cli.fsutil import atomic_write_text, publish_dir
-from spo_cli.metrics import MetricsLog
+from spo_cli.metrics import MetricsLog, truncate_records
 from spo_cli.partition import build_partitioner, partition_episodes
 from spo_cli.recipe import PretrainedModel, Recipe, Sft, TinyModel, dump_recipe
 from spo_cli.tasks import Task, apply_template, build_task, derive_seed
@@ -224,6 +224,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
     partitioner = build_partitioner(recipe.partition)
     # Resuming drops the records of iterations after the checkpoint: they are about to be redone.
     metrics_log = MetricsLog(run_dir, recipe.logging.tensorboard, resume_iteration=start - 1 if resume else None)
+    if resume:
+        truncate_records(run_dir / "completions.jsonl", start - 1)
     eval_problems = task.eval_problems()
     eval_tokens = recipe.eval.max_completion_length or recipe.sampling.max_completion_length
 

@@ -113,3 +113,52 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     sa = json.loads((tmp_path / "ref" / "run" / "summary.json").read_text())
     sb = json.loads((run / "summary.json").read_text())
     assert sa["eval_before"] == sb["eval_before"] and sa["eval_after"] == sb["eval_after"]
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        {"kind": "gsm8k", "train_file": "gsm8k/train.jsonl", "test_file": "gsm8k/test.jsonl"},
+        {"kind": "math", "train_file": "math/train.jsonl", "test_file": "math500/test.jsonl", "use_chat_template": True},
+    ],
+    ids=["gsm8k", "math"],
+)
+def test_one_iteration_on_real_data_files(tmp_path, task):
+    """The file-backed tasks run through the whole loop (untrained model, so rewards are ~0)."""
+    from rich.console import Console
+
+    from spo_cli.train import train
+
+    from ..conftest import DATA
+
+    if not DATA.is_dir():
+        pytest.skip("../shared/data not present")
+    task = {**task, "train_file": str(DATA / task["train_file"]), "test_file": str(DATA / task["test_file"])}
+    data = tiny_recipe_dict(tmp_path, train={"iterations": 1}, eval={"num_samples": 1})
+    data["task"] = {**task, "max_train_problems": 16, "max_eval_problems": 4}
+    data["warm_start"] = {"kind": "none"}
+    data["sampling"]["max_prompt_length"] = 2000
+    summary = train(parse_recipe(data), console=Console(file=open(os.devnull, "w")))
+    rows = read_metrics(tmp_path / "run")
+    assert len(rows) == 1 and rows[0]["num_prompts"] == 4
+    assert summary["eval_after"]["num_problems"] == 4
+    episodes = (tmp_path / "run" / "episodes" / "iter_000001.jsonl").read_text().splitlines()
+    first = json.loads(episodes[0])
+    assert first["gold"] and first["prompt"].startswith("[MATH_TASK]" if task["kind"] == "gsm8k" else "<|im_start|>user")
+
+
+def test_bf16_autocast_forward_on_cpu(tiny_policy):
+    import torch
+
+    from spo_cli.hardware import Runtime, cpu_has_native_bf16
+    from spo_cli.policy import collate, forward_logprobs
+
+    if not cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bf16")
+    model, _ = tiny_policy
+    batch = collate([[5, 6, 7]], [[8, 9, 10]], pad_id=0)
+    with torch.no_grad():
+        fp32, _ = forward_logprobs(model, batch, 1.0)
+        with Runtime("cpu", bf16=True).autocast():
+            bf16, _ = forward_logprobs(model, batch, 1.0)
+    assert bf16.dtype == torch.float32 and torch.allclose(fp32, bf16, atol=5e-2)

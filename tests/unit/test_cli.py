@@ -70,3 +70,20 @@ def test_standalone_partition_and_estimate(tmp_path):
     (tmp_path / "broken.jsonl").write_text("{}\n")
     out = spo("partition", str(recipe), "--in", str(tmp_path / "broken.jsonl"), "--out", str(tmp_path / "y.jsonl"))
     assert out.returncode == 2 and "broken.jsonl:1" in out.stderr
+
+
+def test_hub_model_offline_fails_fast_naming_the_field(monkeypatch):
+    import time
+
+    from spo_cli.errors import SpoUserError
+    from spo_cli.models import load_pretrained
+    from spo_cli.recipe import PretrainedModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(SpoUserError) as exc:
+        load_pretrained(PretrainedModel(name_or_path="Qwen/Qwen2.5-0.5B-Instruct"))
+    assert time.perf_counter() - start < 10
+    assert "model.name_or_path" in str(exc.value) and "kind: tiny" in str(exc.value)
+    with pytest.raises(SpoUserError, match="no such model directory"):
+        load_pretrained(PretrainedModel(name_or_path="./no/such/dir"))
