@@ -7,6 +7,7 @@ run would have.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -176,121 +177,124 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
     from spo_cli.sample import build_sampler, sampling_params
 
     console = console or Console()
-    run_dir = prepare_run_dir(recipe, resume, overwrite)
     set_offline_defaults(recipe)
     runtime = resolve_runtime(recipe.hardware)
+    # Data problems (a missing file, an unreachable hub) surface before a run directory exists.
     task = build_task(recipe.task, recipe.sampling.prompts_per_iteration)
-    seed = recipe.run.seed
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    saved_recipe = run_dir / "recipe.resolved.yaml"
-    if resume and saved_recipe.is_file() and saved_recipe.read_text() != dump_recipe(recipe):
-        console.print("[yellow]warning:[/] the recipe differs from the one this run started with")
-    atomic_write_text(saved_recipe, dump_recipe(recipe))
+    # Grader worker processes and log writers are released however the run ends.
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(task.close)
+        run_dir = prepare_run_dir(recipe, resume, overwrite)
+        seed = recipe.run.seed
+        ckpt = latest_checkpoint(run_dir) if resume else None
+        saved_recipe = run_dir / "recipe.resolved.yaml"
+        if resume and saved_recipe.is_file() and saved_recipe.read_text() != dump_recipe(recipe):
+            console.print("[yellow]warning:[/] the recipe differs from the one this run started with")
+        atomic_write_text(saved_recipe, dump_recipe(recipe))
 
-    policy = warm_started_policy(recipe, run_dir, task, runtime, console)
-    ref_model = None
-    if recipe.loss.beta > 0:
-        ref_model = copy.deepcopy(policy.model).eval().requires_grad_(False)
-    if ckpt is not None:
-        state = read_trainer_state(ckpt)
-        model, tokenizer = load_checkpoint(ckpt / "model")
-        policy = Policy(model.to(runtime.device), tokenizer)
-        start = state["iteration"] + 1
-        console.print(f"resuming from {ckpt} (iteration {state['iteration']})")
-    else:
-        start = 1
-    model, tokenizer = policy.model, policy.tokenizer
-    if recipe.hardware.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.config.use_cache = True
+        policy = warm_started_policy(recipe, run_dir, task, runtime, console)
+        ref_model = None
+        if recipe.loss.beta > 0:
+            ref_model = copy.deepcopy(policy.model).eval().requires_grad_(False)
+        if ckpt is not None:
+            state = read_trainer_state(ckpt)
+            model, tokenizer = load_checkpoint(ckpt / "model")
+            policy = Policy(model.to(runtime.device), tokenizer)
+            start = state["iteration"] + 1
+            console.print(f"resuming from {ckpt} (iteration {state['iteration']})")
+        else:
+            start = 1
+        model, tokenizer = policy.model, policy.tokenizer
+        if recipe.hardware.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.config.use_cache = True
 
-    optim = recipe.optim
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=optim.learning_rate,
-        betas=(optim.adam_beta1, optim.adam_beta2),
-        eps=optim.adam_epsilon,
-        weight_decay=optim.weight_decay,
-    )
-    per_iter = steps_per_iteration(recipe.sampling.prompts_per_iteration * recipe.sampling.num_generations, recipe.train)
-    total_steps = per_iter * (optim.schedule_iterations or recipe.train.iterations)
-    warmup = optim.warmup_steps if optim.warmup_steps is not None else round(optim.warmup_ratio * total_steps)
-    scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup, kind=optim.lr_scheduler_type)
-    if ckpt is not None:
-        load_optimizer_state(ckpt, optimizer, scheduler)
+        optim = recipe.optim
+        optimizer = torch.optim.AdamW(
+            model.parameters(),
+            lr=optim.learning_rate,
+            betas=(optim.adam_beta1, optim.adam_beta2),
+            eps=optim.adam_epsilon,
+            weight_decay=optim.weight_decay,
+        )
+        per_iter = steps_per_iteration(recipe.sampling.prompts_per_iteration * recipe.sampling.num_generations, recipe.train)
+        total_steps = per_iter * (optim.schedule_iterations or recipe.train.iterations)
+        warmup = optim.warmup_steps if optim.warmup_steps is not None else round(optim.warmup_ratio * total_steps)
+        scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup, kind=optim.lr_scheduler_type)
+        if ckpt is not None:
+            load_optimizer_state(ckpt, optimizer, scheduler)
 
-    sampler = build_sampler(recipe.sampling, model, tokenizer, runtime)
-    params = sampling_params(recipe.sampling, task.stop)
-    partitioner = build_partitioner(recipe.partition)
-    # Resuming drops the records of iterations after the checkpoint: they are about to be redone.
-    metrics_log = MetricsLog(run_dir, recipe.logging.tensorboard, resume_iteration=start - 1 if resume else None)
-    if resume:
-        truncate_records(run_dir / "completions.jsonl", start - 1)
-    eval_problems = task.eval_problems()
-    eval_tokens = recipe.eval.max_completion_length or recipe.sampling.max_completion_length
+        sampler = build_sampler(recipe.sampling, model, tokenizer, runtime)
+        params = sampling_params(recipe.sampling, task.stop)
+        partitioner = build_partitioner(recipe.partition)
+        # Resuming drops the records of iterations after the checkpoint: they are about to be redone.
+        metrics_log = MetricsLog(run_dir, recipe.logging.tensorboard, resume_iteration=start - 1 if resume else None)
+        cleanup.callback(metrics_log.close)
+        if resume:
+            truncate_records(run_dir / "completions.jsonl", start - 1)
+        eval_problems = task.eval_problems()
+        eval_tokens = recipe.eval.max_completion_length or recipe.sampling.max_completion_length
 
-    def run_eval(tag: str, iteration: int) -> dict[str, float]:
-        result = evaluate_policy(
-            sampler, tokenizer, task, eval_problems, recipe.eval, eval_tokens,
-            seed=derive_seed(seed, "eval"), keep_eos_token=recipe.sampling.keep_eos_token,
-        )  # fmt: skip
-        save_json(run_dir / f"eval_{tag}.json", {"iteration": iteration, **result})
-        console.print(f"eval ({tag}, iteration {iteration}): " + _fmt(result, "eval/"))
-        return result
-
-    before = _read_json(run_dir / "eval_before.json")
-    if recipe.eval.before_training and eval_problems and before is None:
-        before = run_eval("before", 0)
-
-    progress = _progress(console, recipe.logging.progress)
-    wall0 = time.perf_counter()
-    with progress:
-        bar = progress.add_task("RL", total=recipe.train.iterations, completed=start - 1)
-        for iteration in range(start, recipe.train.iterations + 1):
-            t0 = time.perf_counter()
-            episodes, sample_stats = sample_episodes(sampler, tokenizer, task, recipe, iteration, params)
-            t_sample = time.perf_counter() - t0
-            episodes = estimate_advantages(partition_episodes(episodes, partitioner), recipe.estimator)
-            t1 = time.perf_counter()
-            update = ppo_update(
-                model, optimizer, scheduler, episodes,
-                loss=recipe.loss, train=recipe.train, max_grad_norm=optim.max_grad_norm,
-                temperature=recipe.sampling.temperature, runtime=runtime, pad_id=tokenizer.pad_token_id,
-                rng=random.Random(derive_seed(seed, "shuffle", iteration)), ref_model=ref_model,
+        def run_eval(tag: str, iteration: int) -> dict[str, float]:
+            result = evaluate_policy(
+                sampler, tokenizer, task, eval_problems, recipe.eval, eval_tokens,
+                seed=derive_seed(seed, "eval"), keep_eos_token=recipe.sampling.keep_eos_token,
             )  # fmt: skip
-            t_opt = time.perf_counter() - t1
-            tokens = sum(len(ep.response_token_ids) for ep in episodes)
-            record: dict[str, Any] = {
-                "iteration": iteration,
-                **rollout_metrics(episodes),
-                **update,
-                **sample_stats,
-                "tokens_per_second": tokens / max(t_sample, 1e-9),
-                "time/sample_s": t_sample,
-                "time/optimize_s": t_opt,
-                "time/iteration_s": time.perf_counter() - t0,
-            }
-            if recipe.logging.save_episodes:
-                write_episodes(run_dir / "episodes" / f"iter_{iteration:06d}.jsonl", episodes)
-            show = iteration == start or iteration % recipe.train.save_steps == 0
-            _log_completions(run_dir, episodes, recipe.logging.log_completions, iteration, console, show)
-            if recipe.eval.eval_steps and iteration % recipe.eval.eval_steps == 0 and iteration < recipe.train.iterations:
-                record.update(run_eval(f"iter_{iteration:06d}", iteration))
-            metrics_log.log(record)
-            console.print(f"it {iteration}/{recipe.train.iterations}  " + _fmt(record))
-            progress.update(bar, completed=iteration)
-            if iteration % recipe.train.save_steps == 0 or iteration == recipe.train.iterations:
-                save_checkpoint(
-                    run_dir, iteration, model, tokenizer, optimizer, scheduler,
-                    {"data_position": iteration * recipe.sampling.prompts_per_iteration, "seed": seed},
-                    keep=recipe.train.save_total_limit,
+            save_json(run_dir / f"eval_{tag}.json", {"iteration": iteration, **result})
+            console.print(f"eval ({tag}, iteration {iteration}): " + _fmt(result, "eval/"))
+            return result
+
+        before = _read_json(run_dir / "eval_before.json")
+        if recipe.eval.before_training and eval_problems and before is None:
+            before = run_eval("before", 0)
+
+        progress = _progress(console, recipe.logging.progress)
+        wall0 = time.perf_counter()
+        with progress:
+            bar = progress.add_task("RL", total=recipe.train.iterations, completed=start - 1)
+            for iteration in range(start, recipe.train.iterations + 1):
+                t0 = time.perf_counter()
+                episodes, sample_stats = sample_episodes(sampler, tokenizer, task, recipe, iteration, params)
+                t_sample = time.perf_counter() - t0
+                episodes = estimate_advantages(partition_episodes(episodes, partitioner), recipe.estimator)
+                t1 = time.perf_counter()
+                update = ppo_update(
+                    model, optimizer, scheduler, episodes,
+                    loss=recipe.loss, train=recipe.train, max_grad_norm=optim.max_grad_norm,
+                    temperature=recipe.sampling.temperature, runtime=runtime, pad_id=tokenizer.pad_token_id,
+                    rng=random.Random(derive_seed(seed, "shuffle", iteration)), ref_model=ref_model,
                 )  # fmt: skip
-    after = None
-    if recipe.eval.after_training and eval_problems:
-        after = _read_json(run_dir / "eval_after.json") if start > recipe.train.iterations else None
-        after = after or run_eval("after", recipe.train.iterations)
-    metrics_log.close()
-    task.close()
+                t_opt = time.perf_counter() - t1
+                tokens = sum(len(ep.response_token_ids) for ep in episodes)
+                record: dict[str, Any] = {
+                    "iteration": iteration,
+                    **rollout_metrics(episodes),
+                    **update,
+                    **sample_stats,
+                    "tokens_per_second": tokens / max(t_sample, 1e-9),
+                    "time/sample_s": t_sample,
+                    "time/optimize_s": t_opt,
+                    "time/iteration_s": time.perf_counter() - t0,
+                }
+                if recipe.logging.save_episodes:
+                    write_episodes(run_dir / "episodes" / f"iter_{iteration:06d}.jsonl", episodes)
+                show = iteration == start or iteration % recipe.train.save_steps == 0
+                _log_completions(run_dir, episodes, recipe.logging.log_completions, iteration, console, show)
+                if recipe.eval.eval_steps and iteration % recipe.eval.eval_steps == 0 and iteration < recipe.train.iterations:
+                    record.update(run_eval(f"iter_{iteration:06d}", iteration))
+                metrics_log.log(record)
+                console.print(f"it {iteration}/{recipe.train.iterations}  " + _fmt(record))
+                progress.update(bar, completed=iteration)
+                if iteration % recipe.train.save_steps == 0 or iteration == recipe.train.iterations:
+                    save_checkpoint(
+                        run_dir, iteration, model, tokenizer, optimizer, scheduler,
+                        {"data_position": iteration * recipe.sampling.prompts_per_iteration, "seed": seed},
+                        keep=recipe.train.save_total_limit,
+                    )  # fmt: skip
+        after = None
+        if recipe.eval.after_training and eval_problems:
+            after = _read_json(run_dir / "eval_after.json") if start > recipe.train.iterations else None
+            after = after or run_eval("after", recipe.train.iterations)
     summary = {
         "run_dir": str(run_dir),
         "iterations": recipe.train.iterations,
