@@ -78,41 +78,53 @@ def sft(
     typer.echo(str(run_dir / "warm_start"))
 
 
+PolicyOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--policy",
+        help="Hugging Face model directory of the policy that sampled the episodes (e.g. <run_dir>/warm_start or "
+        "<run_dir>/checkpoints/iter_000003/model); default: the recipe's model.",
+    ),
+]
+
+
 @app.command()
 def partition(
     recipe: RecipeArg,
     input: Annotated[Path, typer.Option("--in", help="Episodes JSONL to read.")],
     output: Annotated[Path, typer.Option("--out", help="Episodes JSONL to write (with segments).")],
     overrides: OverridesArg = None,
+    policy: PolicyOpt = None,
 ) -> None:
-    """Cut the responses of saved episodes into segments with the recipe's partitioner."""
-    spec = _load(recipe, overrides)
-    from spo_cli.episode import read_episodes, write_episodes
-    from spo_cli.partition import build_partitioner, partition_episodes
+    """Cut the responses of saved episodes into segments with the recipe's partitioner.
 
-    episodes = partition_episodes(read_episodes(input), build_partitioner(spec.partition))
-    write_episodes(output, episodes)
-    typer.echo(f"wrote {len(episodes)} episodes to {output}")
+    Episodes without log-probabilities (from another tool) are scored first with one batched forward pass.
+    """
+    spec = _load(recipe, overrides)
+    from spo_cli.standalone import partition_file
+
+    count = partition_file(spec, input, output, policy, typer.echo)
+    typer.echo(f"wrote {count} episodes to {output}")
 
 
 @app.command("estimate-values")
 def estimate_values(
     recipe: RecipeArg,
     input: Annotated[Path, typer.Option("--in", help="Partitioned episodes JSONL to read.")],
-    output: Annotated[Path, typer.Option("--out", help="Episodes JSONL to write (with segment advantages).")],
+    output: Annotated[Path, typer.Option("--out", help="Episodes JSONL to write (with segment and token advantages).")],
     overrides: OverridesArg = None,
+    policy: PolicyOpt = None,
 ) -> None:
-    """Fill segment advantages of saved, partitioned episodes with the recipe's estimator."""
-    spec = _load(recipe, overrides)
-    from spo_cli.episode import read_episodes, write_episodes
-    from spo_cli.estimate import estimate_advantages
+    """Fill segment advantages of saved, partitioned episodes with the recipe's estimator.
 
-    try:
-        episodes = estimate_advantages(read_episodes(input), spec.estimator)
-    except ValueError as exc:
-        raise SpoUserError(f"{input}: {exc}") from None
-    write_episodes(output, episodes)
-    typer.echo(f"wrote {len(episodes)} episodes to {output}")
+    Monte Carlo estimators sample continuations from --policy with the recipe's sampling settings and the
+    seed a training run would use for the episodes' iteration, so they reproduce `spo train`'s advantages.
+    """
+    spec = _load(recipe, overrides)
+    from spo_cli.standalone import estimate_file
+
+    stats = estimate_file(spec, input, output, policy, typer.echo)
+    typer.echo(f"wrote {int(stats.pop('episodes'))} episodes to {output}" + "".join(f"  {k} {v:g}" for k, v in stats.items()))
 
 
 @recipe_app.command("check")

@@ -3,8 +3,8 @@
 | stage     | reads                         | writes                                   |
 |-----------|-------------------------------|------------------------------------------|
 | sample    | prompts                       | Episode with reward, segments=None       |
-| partition | response_logprobs             | segments (advantage None)                |
-| estimate  | segments, reward, group_id    | segment advantages                       |
+| partition | response_logprobs (entropies) | segments (advantage None)                |
+| estimate  | segments, reward, group_id    | segment advantages, token_advantages     |
 | optimize  | token ids, segments           | (a checkpoint and metrics)               |
 
 Token indices in `segments` are response-token indices, half-open, and together cover the response.
@@ -22,7 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from spo_cli.errors import SpoUserError
 from spo_cli.fsutil import atomic_open
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 1 records lack response_entropies, token_advantages and Segment.is_boundary; their defaults
+# read them correctly, so version 1 files are still accepted.
+READABLE_VERSIONS = (1, 2)
 
 
 class Segment(BaseModel):
@@ -30,8 +33,15 @@ class Segment(BaseModel):
 
     start: int = Field(ge=0, description="First response-token index of the segment (inclusive).")
     end: int = Field(ge=0, description="End response-token index (exclusive).")
-    advantage: float | None = Field(None, description="Advantage of every token in the segment; None until estimated.")
-    value: float | None = Field(None, description="Estimated value at the segment's end state, where the estimator has one.")
+    advantage: float | None = Field(None, description="Advantage of the segment; None until estimated.")
+    value: float | None = Field(
+        None, description="Estimated value of the state before the segment's first token, where the estimator has one."
+    )
+    is_boundary: bool = Field(
+        True,
+        description="The segment opens at a partition boundary, so its start state gets a value estimate. False only "
+        "for SPO-chain's leading region before the first cutpoint, whose advantage is 0.",
+    )
 
 
 class Episode(BaseModel):
@@ -39,7 +49,7 @@ class Episode(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     id: str = Field(description="Unique id of the episode within a run.")
     group_id: str = Field(description="Id of the prompt; episodes of the same prompt form a group.")
     iteration: int = Field(0, ge=0, description="RL iteration that sampled it (the policy version).")
@@ -48,21 +58,31 @@ class Episode(BaseModel):
     gold: str | None = Field(None, description="Reference answer the reward was computed against.")
     prompt_token_ids: list[int]
     response_token_ids: list[int]
-    response_logprobs: list[float] = Field(
-        description="log pi(y_t | x, y_<t) of each response token under the sampling policy at the sampling temperature."
+    response_logprobs: list[float] | None = Field(
+        None,
+        description="log pi(y_t | x, y_<t) of each response token under the sampling policy at the sampling temperature "
+        "(full softmax, no top-p truncation). Null in files from elsewhere: `spo partition` then scores them."
+    )
+    response_entropies: list[float] | None = Field(
+        None, description="Entropy (nats) of the sampling distribution at each response token, at the sampling temperature."
     )
     finish_reason: Literal["stop", "length"]
     reward: float | None = None
     segments: list[Segment] | None = Field(None, description="Null until partitioned.")
+    token_advantages: list[float] | None = Field(
+        None,
+        description="Advantage of each response token, where it is not simply its segment's advantage (SPO-chain zeroes "
+        "tokens with probability above rho). Null: every token takes its segment's advantage.",
+    )
     metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form extras for later stages.")
 
     @model_validator(mode="after")
     def _aligned(self) -> Episode:
         n = len(self.response_token_ids)
-        if len(self.response_logprobs) != n:
-            raise ValueError(
-                f"response_logprobs has {len(self.response_logprobs)} entries for {n} response tokens"
-            )
+        for name in ("response_logprobs", "response_entropies", "token_advantages"):
+            values = getattr(self, name)
+            if values is not None and len(values) != n:
+                raise ValueError(f"{name} has {len(values)} entries for {n} response tokens")
         if self.segments is not None:
             check_segments_cover(self.segments, n)
         return self
@@ -80,7 +100,9 @@ def check_segments_cover(segments: Sequence[Segment], length: int) -> None:
 
 
 def token_advantages(episode: Episode) -> list[float]:
-    """Per-response-token advantages from the segments (each token gets its segment's advantage)."""
+    """Per-response-token advantages: the episode's own list, else each token gets its segment's advantage."""
+    if episode.token_advantages is not None:
+        return list(episode.token_advantages)
     if episode.segments is None:
         raise ValueError(f"episode {episode.id} has no segments: run the partition stage first")
     out = [0.0] * len(episode.response_token_ids)
@@ -107,10 +129,10 @@ def iter_episodes(path: str | Path) -> Iterator[Episode]:
                 raw = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise SpoUserError(f"{path}:{lineno}: not valid JSON: {exc.msg} (column {exc.colno})") from None
-            if isinstance(raw, dict) and raw.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+            if isinstance(raw, dict) and raw.get("schema_version", SCHEMA_VERSION) not in READABLE_VERSIONS:
                 raise SpoUserError(
                     f"{path}:{lineno}: episode schema_version {raw.get('schema_version')!r}; "
-                    f"this spo reads version {SCHEMA_VERSION}"
+                    f"this spo reads versions {', '.join(map(str, READABLE_VERSIONS))}"
                 )
             try:
                 yield Episode.model_validate(raw)
@@ -128,5 +150,6 @@ def write_episodes(path: str | Path, episodes: Iterable[Episode]) -> None:
     """Write episodes as JSONL atomically (a crash leaves either the old file or the new one)."""
     with atomic_open(path) as fh:
         for ep in episodes:
-            fh.write(ep.model_dump_json())
+            # Records are written in the current schema, whatever version they were read in.
+            fh.write(ep.model_copy(update={"schema_version": SCHEMA_VERSION}).model_dump_json())
             fh.write("\n")

@@ -99,18 +99,20 @@ def score_responses(
     batch_size: int,
     device: str,
     autocast,
-) -> list[list[float]]:
-    """log pi(y_t | x, y_<t) for every response token, in batches of `batch_size` sequences."""
-    out: list[list[float]] = []
+    with_entropy: bool = False,
+) -> tuple[list[list[float]], list[list[float]] | None]:
+    """log pi(y_t | x, y_<t) for every response token (and the entropy at each), `batch_size` sequences a pass."""
     # Sorting by length keeps padding (wasted compute) low; the order is restored afterwards.
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(response_ids[i]))
     scored: dict[int, list[float]] = {}
+    entropies: dict[int, list[float]] = {}
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = collate([prompt_ids[i] for i in idx], [response_ids[i] for i in idx], pad_id).to(device)
         with autocast():
-            logprobs, _ = forward_logprobs(model, batch, temperature)
-        for i, values in zip(idx, batch.gather(logprobs)):
-            scored[i] = values
-    out = [scored[i] for i in range(len(prompt_ids))]
-    return out
+            logprobs, entropy = forward_logprobs(model, batch, temperature, with_entropy=with_entropy)
+        scored.update(zip(idx, batch.gather(logprobs)))
+        if entropy is not None:
+            entropies.update(zip(idx, batch.gather(entropy)))
+    n = len(prompt_ids)
+    return [scored[i] for i in range(n)], ([entropies[i] for i in range(n)] if with_entropy else None)

@@ -242,7 +242,51 @@ class Whole(Section):
     kind: Literal["whole"] = "whole"
 
 
-PartitionSpec = kind_union(Whole, default="whole")
+class Cutpoint(Section):
+    """SPO-chain: segments open at every `interval`-th token whose sampling probability is below `rho`."""
+
+    kind: Literal["cutpoint"] = "cutpoint"
+    rho: float = Field(
+        0.9, gt=0, le=1, description="Tokens with sampling probability strictly below rho are cutpoint candidates."
+    )
+    interval: int = Field(
+        5, ge=1, description="Every interval-th candidate, starting with the first, opens a segment (the paper's intN)."
+    )
+
+
+class FixedCount(Section):
+    """The reference's naive ablation: k near-equal parts; the first part's start state is not estimated."""
+
+    kind: Literal["fixed_count"] = "fixed_count"
+    num_segments: int = Field(4, ge=1, description="Parts per response (lengths differ by at most one token).")
+
+
+class FixedTokens(Section):
+    """Segments of a fixed number of tokens; every segment start, the prompt included, is a value state."""
+
+    kind: Literal["fixed_tokens"] = "fixed_tokens"
+    segment_tokens: int = Field(30, ge=1, description="Tokens per segment (the last one may be shorter).")
+
+
+class Step(Section):
+    """VinePPO-style reasoning steps: lines of the response, the final answer line merged into the last step."""
+
+    kind: Literal["step"] = "step"
+
+
+class Entropy(Section):
+    """Segments open at the highest-entropy tokens ("forking tokens"); needs per-token entropies."""
+
+    kind: Literal["entropy"] = "entropy"
+    percentile: float = Field(0.05, gt=0, le=1, description="Fraction of tokens, highest entropy first, that open a segment.")
+    scope: Literal["batch", "sequence"] = Field(
+        "batch", description="batch: one entropy threshold over all responses of the iteration; sequence: one per response."
+    )
+    min_segment_length: int = Field(1, ge=1, description="Drop a boundary closer than this to the previous one.")
+    max_segments: int | None = Field(None, ge=1, description="Keep at most this many segments (highest entropy first).")
+
+
+PartitionerSpec = kind_union(Whole, Cutpoint, FixedCount, FixedTokens, Step, Entropy, default="whole")
 
 
 # ---------------------------------------------------------------------------------------- estimator
@@ -256,7 +300,28 @@ class Group(Section):
     eps: float = Field(1e-8, gt=0, description="Added to the std before dividing.")
 
 
-EstimatorSpec = kind_union(Group, default="group")
+class McChain(Section):
+    """SPO-chain: Monte Carlo value of the state before each segment, advantage V(after) - V(before)."""
+
+    kind: Literal["mc_chain"] = "mc_chain"
+    rollouts: int = Field(9, ge=1, description="Continuations sampled from each state; V is their mean reward.")
+    max_new_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="New-token budget of each continuation; default: sampling.max_completion_length (the reference "
+        "gives rollouts the full budget again). Always capped by the model's context.",
+    )
+    unfinished_penalty: float = Field(0.0, description="Reward of a continuation cut by its token budget.")
+    zero_advantage_above: float | None = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Tokens whose sampling probability is strictly above this get advantage 0, as the reference chain "
+        "generator does; null keeps every token's segment advantage (the fixed_count ablation).",
+    )
+
+
+EstimatorSpec = kind_union(Group, McChain, default="group")
 
 
 # --------------------------------------------------------------------------------------------- loss
@@ -281,6 +346,11 @@ class PpoClip(Section):
     )
     whiten_advantages: bool = Field(
         False, description="Standardise token advantages per micro-batch over trained tokens (the reference does)."
+    )
+    skip_ratio_above: float | None = Field(
+        None,
+        gt=1,
+        description="Zero a micro-batch's loss when its mean ratio over trained tokens exceeds this (the reference: 10).",
     )
     skip_zero_advantage: bool = Field(
         True,
@@ -383,7 +453,7 @@ class Recipe(Section):
     task: TaskSpec = Field(description="Problems, prompt format and reward.")
     warm_start: WarmStartSpec = Field(default_factory=NoWarmStart, description="Optional supervised warm start before RL.")
     sampling: Sampling = Field(default_factory=Sampling, description="Response sampling.")
-    partition: PartitionSpec = Field(default_factory=Whole, description="How responses are cut into segments.")
+    partitioner: PartitionerSpec = Field(default_factory=Whole, description="How responses are cut into segments.")
     estimator: EstimatorSpec = Field(default_factory=Group, description="How segment advantages are estimated.")
     loss: LossSpec = Field(default_factory=PpoClip, description="Policy loss.")
     optim: Optim = Field(default_factory=Optim, description="Optimizer and learning-rate schedule.")
@@ -470,7 +540,7 @@ def format_validation_error(exc: ValidationError, source: str, root: yaml.Node |
 
 def _union_tags() -> set[str]:
     tags = set()
-    for union in (ModelSpec, TaskSpec, WarmStartSpec, PartitionSpec, EstimatorSpec, LossSpec):
+    for union in (ModelSpec, TaskSpec, WarmStartSpec, PartitionerSpec, EstimatorSpec, LossSpec):
         inner = get_args(union)[0]
         for member in get_args(inner) or (inner,):
             cls = get_args(member)[0] if get_args(member) else member

@@ -31,7 +31,7 @@ from spo_cli.errors import SpoUserError
 from spo_cli.estimate import estimate_advantages
 from spo_cli.fsutil import atomic_write_text, publish_dir
 from spo_cli.metrics import MetricsLog, truncate_records
-from spo_cli.partition import build_partitioner, partition_episodes
+from spo_cli.partition import partition_episodes
 from spo_cli.recipe import PretrainedModel, Recipe, Sft, TinyModel, dump_recipe
 from spo_cli.tasks import Task, apply_template, build_task, derive_seed
 
@@ -135,6 +135,7 @@ def sample_episodes(
             prompt_token_ids=c.prompt_token_ids,
             response_token_ids=c.token_ids,
             response_logprobs=c.logprobs,
+            response_entropies=c.entropies,
             finish_reason=c.finish_reason,
             reward=r,
         )
@@ -174,6 +175,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
     from spo_cli.models import load_checkpoint
     from spo_cli.optimize.schedule import build_scheduler
     from spo_cli.optimize.step import ppo_update, steps_per_iteration
+    from spo_cli.estimate.rollout import build_state_values
     from spo_cli.sample import build_sampler, sampling_params
 
     console = console or Console()
@@ -226,7 +228,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
 
         sampler = build_sampler(recipe.sampling, model, tokenizer, runtime)
         params = sampling_params(recipe.sampling, task.stop)
-        partitioner = build_partitioner(recipe.partition)
+        state_values = build_state_values(recipe, sampler, tokenizer, task, _max_context(model))
         # Resuming drops the records of iterations after the checkpoint: they are about to be redone.
         metrics_log = MetricsLog(run_dir, recipe.logging.tensorboard, resume_iteration=start - 1 if resume else None)
         cleanup.callback(metrics_log.close)
@@ -256,8 +258,10 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
                 t0 = time.perf_counter()
                 episodes, sample_stats = sample_episodes(sampler, tokenizer, task, recipe, iteration, params)
                 t_sample = time.perf_counter() - t0
-                episodes = estimate_advantages(partition_episodes(episodes, partitioner), recipe.estimator)
+                episodes = partition_episodes(episodes, recipe.partitioner, tokenizer)
+                episodes, estimate_stats = estimate_advantages(episodes, recipe.estimator, state_values)
                 t1 = time.perf_counter()
+                t_estimate = t1 - t0 - t_sample
                 update = ppo_update(
                     model, optimizer, scheduler, episodes,
                     loss=recipe.loss, train=recipe.train, max_grad_norm=optim.max_grad_norm,
@@ -271,8 +275,11 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
                     **rollout_metrics(episodes),
                     **update,
                     **sample_stats,
+                    **estimate_stats,
+                    **_segment_metrics(episodes),
                     "tokens_per_second": tokens / max(t_sample, 1e-9),
                     "time/sample_s": t_sample,
+                    "time/estimate_s": t_estimate,
                     "time/optimize_s": t_opt,
                     "time/iteration_s": time.perf_counter() - t0,
                 }
@@ -312,6 +319,15 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
                     f"after RL {after[f'eval/{key}']:.3f}[/]"
                 )
     return summary
+
+
+def _max_context(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def _segment_metrics(episodes: list[Episode]) -> dict[str, float]:
+    counts = [len(ep.segments or []) for ep in episodes]
+    return {"segments/mean_count": sum(counts) / max(len(counts), 1)}
 
 
 def _strip(result: dict | None) -> dict | None:

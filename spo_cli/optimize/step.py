@@ -58,6 +58,9 @@ def ppo_update(
     gives the same gradient as one big batch.
     """
     rho = loss.prob_mask_rho if loss.use_prob_mask else None
+    missing = next((ep.id for ep in episodes if ep.response_logprobs is None), None)
+    if missing is not None:
+        raise ValueError(f"episode {missing} has no response_logprobs (pi_old): run the partition stage to score it")
     episodes = select_trainable(episodes, loss)
     sums: dict[str, float] = defaultdict(float)
     weights: dict[str, float] = defaultdict(float)
@@ -67,7 +70,7 @@ def ppo_update(
     advantages = [token_advantages(ep) for ep in episodes]
     ref_logprobs: list[list[float]] | None = None
     if loss.beta > 0:
-        ref_logprobs = score_responses(
+        ref_logprobs, _ = score_responses(
             ref_model,
             [ep.prompt_token_ids for ep in episodes],
             [ep.response_token_ids for ep in episodes],
@@ -117,7 +120,12 @@ def ppo_update(
                     normalizer=normalizer,
                     kl_normalizer=float(len(mini)),
                 )
-                out.loss.backward()
+                skipped = loss.skip_ratio_above is not None and out.metrics["ratio_mean"] > loss.skip_ratio_above
+                # The reference drops a micro-batch whose policy has drifted too far (ratio explosion)
+                # but still runs backward, so every rank does the same collective work.
+                (out.loss * 0.0 if skipped else out.loss).backward()
+                sums["skipped_micro_batches"] += float(skipped)
+                weights["skipped_micro_batches"] = 1.0
                 n_tok = out.metrics.get("num_tokens", 0.0)
                 for key in ("clip_ratio", "clip_ratio/low", "clip_ratio/high", "ratio_mean"):
                     if key in out.metrics:

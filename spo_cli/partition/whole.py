@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 
-def whole_boundaries(response_length: int) -> list[tuple[int, int]]:
-    """[(0, L)] for a response of L > 0 tokens; [] for an empty response."""
-    return [(0, response_length)] if response_length > 0 else []
+def whole_boundaries(response_length: int) -> list[int]:
+    """[0] for a response of L > 0 tokens (one segment, whose start state is the prompt); [] when empty."""
+    return [0] if response_length > 0 else []

@@ -20,7 +20,7 @@ class SamplingParams:
     max_new_tokens: int = 64
     stop: tuple[str, ...] = ()
     keep_eos_token: bool = True
-    logprobs: bool = True  # False skips the scoring pass (evaluation needs no log-probs)
+    logprobs: bool = True  # record log-probs and entropies (evaluation needs neither)
 
 
 @dataclass
@@ -30,6 +30,7 @@ class Completion:
     text: str
     finish_reason: Literal["stop", "length"]
     logprobs: list[float] = field(default_factory=list)  # one per token, at the sampling temperature
+    entropies: list[float] = field(default_factory=list)  # entropy of each token's sampling distribution
 
 
 class Sampler(Protocol):
@@ -37,6 +38,12 @@ class Sampler(Protocol):
 
     def generate(self, prompts: Sequence[str], params: SamplingParams, seed: int) -> list[list[Completion]]:
         """params.n completions per prompt; the randomness is a function of `seed` alone."""
+        ...
+
+    def generate_ids(
+        self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int
+    ) -> list[list[Completion]]:
+        """The same from token ids (Monte Carlo rollouts continue exact token prefixes, not re-tokenized text)."""
         ...
 
 

@@ -1,7 +1,13 @@
-"""Sampling with Hugging Face `generate` (KV cache, batched, seeded): the embedded default backend."""
+"""Sampling with Hugging Face `generate` (KV cache, batched, seeded): the embedded default backend.
+
+n samples of one prompt share its prefill: the prompt is run through the model once and its KV cache
+is repeated n times before decoding (`generate(num_return_sequences=n)` would prefill it n times).
+For Monte Carlo rollouts from long prefixes that is most of the forward work (bench/mc_chain.py).
+"""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -13,22 +19,30 @@ from spo_cli.sample import Completion, SamplingParams
 class HFSampler:
     """Generates with the live policy module, so it always samples the current weights (no sync step)."""
 
-    def __init__(self, model, tokenizer, runtime: Runtime, generation_batch_size: int = 256):
+    def __init__(self, model, tokenizer, runtime: Runtime, generation_batch_size: int = 256, shared_prefill: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.runtime = runtime
         self.generation_batch_size = generation_batch_size
+        self.shared_prefill = shared_prefill  # False: generate's own n-fold prefill (the naive baseline)
 
     def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
         return [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
 
     def generate(self, prompts: Sequence[str], params: SamplingParams, seed: int) -> list[list[Completion]]:
         """`params.n` completions for each prompt, with log-probs at the sampling temperature."""
-        if not prompts:
+        return self.generate_ids(self.encode_prompts(prompts), params, seed)
+
+    def generate_ids(
+        self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int
+    ) -> list[list[Completion]]:
+        """`params.n` completions for each token-id prompt (every prompt needs at least one token)."""
+        if not prompt_ids:
             return []
-        prompt_ids = self.encode_prompts(prompts)
+        if any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("every prompt needs at least one token")
         per_call = max(1, self.generation_batch_size // params.n)
-        raw: list[list[tuple[list[int], list[float]]]] = []
+        raw: list[list[tuple[list[int], list[float], list[float]]]] = []
         was_training = self.model.training
         self.model.eval()
         # fork_rng keeps sampling from touching the process-wide RNG: each call's randomness is a
@@ -44,7 +58,7 @@ class HFSampler:
         completions = []
         for ids, outs in zip(prompt_ids, raw):
             group = []
-            for tokens, logprobs in outs:
+            for tokens, logprobs, entropies in outs:
                 response, text, reason = self._finish(tokens, params)
                 group.append(
                     Completion(
@@ -53,6 +67,7 @@ class HFSampler:
                         text=text,
                         finish_reason=reason,
                         logprobs=logprobs[: len(response)] if params.logprobs else [],
+                        entropies=entropies[: len(response)] if params.logprobs else [],
                     )
                 )
             completions.append(group)
@@ -61,8 +76,8 @@ class HFSampler:
     @torch.no_grad()
     def _generate_chunk(
         self, prompt_ids: list[list[int]], params: SamplingParams
-    ) -> list[list[tuple[list[int], list[float]]]]:
-        """Raw generated tokens (up to max_new_tokens, padding after the end) and their log-probs."""
+    ) -> list[list[tuple[list[int], list[float], list[float]]]]:
+        """Raw generated tokens (up to max_new_tokens, padding after the end), their log-probs and entropies."""
         from transformers import GenerationConfig, LogitsProcessorList
 
         tok = self.tokenizer
@@ -90,20 +105,57 @@ class HFSampler:
             stop_strings=list(params.stop) or None,
         )
         recorder = LogprobRecorder(params.temperature or 1.0) if params.logprobs else None
+        input_ids, attention = input_ids.to(self.runtime.device), attention.to(self.runtime.device)
+        extra = {}
         with self.runtime.autocast():
+            if self.shared_prefill and n_decode > 1 and width > 1:
+                input_ids, attention, extra = self._shared_prefill(input_ids, attention, n_decode)
+                config.num_return_sequences = 1
             out = self.model.generate(
-                input_ids=input_ids.to(self.runtime.device),
-                attention_mask=attention.to(self.runtime.device),
+                input_ids=input_ids,
+                attention_mask=attention,
                 generation_config=config,
                 logits_processor=LogitsProcessorList([recorder] if recorder else []),
                 tokenizer=tok if params.stop else None,
+                **extra,
             )
         new = out[:, width:]
-        logprobs = recorder.finish(new).tolist() if recorder else [[] for _ in range(len(new))]
-        rows = list(zip(new.tolist(), logprobs))
+        if recorder:
+            logprobs, entropies = (t.tolist() for t in recorder.finish(new))
+        else:
+            logprobs = entropies = [[] for _ in range(len(new))]
+        rows = list(zip(new.tolist(), logprobs, entropies))
         if greedy:
             return [[rows[i]] * params.n for i in range(len(prompt_ids))]
         return [rows[i * params.n : (i + 1) * params.n] for i in range(len(prompt_ids))]
+
+    def _shared_prefill(self, input_ids: torch.Tensor, attention: torch.Tensor, n: int):
+        """Prefill every prompt but its last token once, then repeat the KV cache for n samples each.
+
+        generate() then only runs the last prompt token (which yields the first sampled token's logits)
+        and the decode steps. Returns the n-times repeated inputs and the generate() cache argument.
+        """
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        # The same positions generate() gives left-padded rows (pads sit at position 1 and are masked).
+        positions = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 1)
+        name = self._cache_kwarg()
+        self.model(
+            input_ids=input_ids[:, :-1],
+            attention_mask=attention[:, :-1],
+            position_ids=positions[:, :-1],
+            use_cache=True,
+            logits_to_keep=1,
+            **{name: cache},
+        )
+        cache.batch_repeat_interleave(n)
+        return input_ids.repeat_interleave(n, dim=0), attention.repeat_interleave(n, dim=0), {name: cache}
+
+    def _cache_kwarg(self) -> str:
+        # transformers renamed `past_key_values` to `cache` (the old name warns and will go away).
+        params = inspect.signature(self.model.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
 
     def _finish(self, tokens: list[int], params: SamplingParams) -> tuple[list[int], str, str]:
         """Cut raw generated tokens at EOS or a stop string: (response ids, text, finish_reason)."""
@@ -131,7 +183,8 @@ class HFSampler:
 
 
 class LogprobRecorder:
-    """A logits processor that records log pi(token) of every sampled token at `temperature`.
+    """A logits processor that records log pi(token) of every sampled token at `temperature`, and the
+    entropy of each step's distribution at that temperature.
 
     generate() runs custom processors before its temperature/top-k/top-p warpers, so the scores seen
     here are the model's logits. The token sampled from step t's scores is only known at step t+1
@@ -144,19 +197,24 @@ class LogprobRecorder:
         self.temperature = temperature
         self.previous: torch.Tensor | None = None  # [B, V] log-softmax of the last step
         self.steps: list[torch.Tensor] = []  # [B] per generated token
+        self.entropies: list[torch.Tensor] = []  # [B] per generated token
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.previous is not None:
             self.steps.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
-        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        # A -inf logit has p = 0 and contributes nothing (0 * -inf would be NaN).
+        self.entropies.append(-torch.where(logp > -torch.inf, logp.exp() * logp, 0.0).sum(-1))
+        self.previous = logp
         return scores
 
-    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
-        """[B, T] log-probs of `new_tokens` (the generated part of the sequences)."""
+    def finish(self, new_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T] log-probs of `new_tokens` (the generated part of the sequences) and [B, T] entropies."""
         if self.previous is not None:
             last = new_tokens[:, len(self.steps) : len(self.steps) + 1]
             self.steps.append(self.previous.gather(1, last).squeeze(1))
             self.previous = None
         if not self.steps:
-            return torch.zeros(new_tokens.shape, dtype=torch.float32)
-        return torch.stack(self.steps, dim=1).float().cpu()
+            zeros = torch.zeros(new_tokens.shape, dtype=torch.float32)
+            return zeros, zeros.clone()
+        return torch.stack(self.steps, dim=1).float().cpu(), torch.stack(self.entropies, dim=1).float().cpu()

@@ -97,3 +97,57 @@ def test_right_padding_does_not_change_logprobs(tiny_policy):
         a, _ = forward_logprobs(model, alone, 1.0)
         b, _ = forward_logprobs(model, padded, 1.0)
     assert torch.allclose(torch.tensor(alone.gather(a)[0]), torch.tensor(padded.gather(b)[0]), atol=1e-5)
+
+
+def test_entropies_match_a_forward_pass(sampler, tiny_policy):
+    from spo_cli.optimize.loss import token_entropy
+
+    model, _ = tiny_policy
+    c = sampler.generate(["Start at 4. Minus 1. Result?"], SamplingParams(n=2, temperature=0.8, max_new_tokens=10), 3)[0][1]
+    assert len(c.entropies) == len(c.token_ids)
+    ids = torch.tensor([c.prompt_token_ids + c.token_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[:, len(c.prompt_token_ids) - 1 : -1]
+    assert torch.allclose(torch.tensor(c.entropies), token_entropy(logits, 0.8)[0], atol=1e-4)
+    # a 512-token vocabulary bounds the entropy by log(512)
+    assert all(0 <= h <= math.log(512) + 1e-4 for h in c.entropies)
+
+
+def test_shared_prefill_samples_what_plain_generate_samples_with_fewer_forward_tokens(tiny_policy):
+    """The prompt is prefilled once for its n samples; the samples are those of num_return_sequences=n."""
+    from transformers import GenerationConfig
+
+    model, tokenizer = tiny_policy
+    prompts = ["Start at 7. Add 5. Minus 3. Times 2. Result?", "Start at 1. Result?"]
+    n, new = 4, 6
+    counted = []
+    hook = model.register_forward_pre_hook(
+        lambda mod, args, kwargs: counted.append(kwargs["input_ids"].numel()), with_kwargs=True
+    )
+    try:
+        shared = HFSampler(model, tokenizer, CPU).generate(prompts, SamplingParams(n=n, max_new_tokens=new, stop=()), seed=5)
+        ours = sum(counted)
+        counted.clear()
+        ids = [tokenizer(p)["input_ids"] for p in prompts]
+        width = max(map(len, ids))
+        inp = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in ids])
+        att = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in ids])[:, None]).long()
+        config = GenerationConfig(
+            max_new_tokens=new, do_sample=True, num_return_sequences=n, temperature=1.0, top_p=1.0,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )  # fmt: skip
+        with torch.random.fork_rng():
+            torch.manual_seed(5)
+            with torch.no_grad():
+                plain = model.generate(input_ids=inp, attention_mask=att, generation_config=config)
+        naive = sum(counted)
+    finally:
+        hook.remove()
+    for i, group in enumerate(shared):
+        for j, c in enumerate(group):
+            row = plain[i * n + j, width:].tolist()
+            assert c.token_ids == row[: len(c.token_ids)]
+    # naive: every sample prefills the whole padded prompt; shared: each prompt once, then one token per sample
+    assert naive >= len(prompts) * n * width
+    assert ours <= len(prompts) * (width - 1) + len(prompts) * n * new
+    assert ours < naive / 2

@@ -29,7 +29,7 @@ def test_jsonl_round_trip(tmp_path):
     path = tmp_path / "eps.jsonl"
     write_episodes(path, eps)
     assert read_episodes(path) == eps
-    assert json.loads(path.read_text().splitlines()[0])["schema_version"] == 1
+    assert json.loads(path.read_text().splitlines()[0])["schema_version"] == 2
     assert not list(tmp_path.glob(".*tmp*")), "temporary file left behind"
 
 

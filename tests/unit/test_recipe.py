@@ -12,7 +12,7 @@ from spo_cli.recipe import (
     EstimatorSpec,
     LossSpec,
     ModelSpec,
-    PartitionSpec,
+    PartitionerSpec,
     Recipe,
     TaskSpec,
     WarmStartSpec,
@@ -122,7 +122,7 @@ def test_kind_defaults_where_a_section_has_a_default():
 
 def test_defaults_filled_and_frozen():
     r = parse_recipe(yaml.safe_load(GOOD))
-    assert r.loss.kind == "ppo_clip" and r.estimator.kind == "group" and r.partition.kind == "whole"
+    assert r.loss.kind == "ppo_clip" and r.estimator.kind == "group" and r.partitioner.kind == "whole"
     assert r.run.run_dir == Path("runs/run")
     with pytest.raises(Exception):
         r.sampling.temperature = 2.0  # type: ignore[misc]
@@ -139,7 +139,7 @@ def test_every_field_has_a_description():
     json.dumps(schema)
 
 
-@pytest.mark.parametrize("union", [ModelSpec, TaskSpec, WarmStartSpec, PartitionSpec, EstimatorSpec, LossSpec])
+@pytest.mark.parametrize("union", [ModelSpec, TaskSpec, WarmStartSpec, PartitionerSpec, EstimatorSpec, LossSpec])
 def test_every_union_member_forbids_extra_keys(union):
     inner = get_args(union)[0]
     members = [get_args(m)[0] if get_args(m) else m for m in (get_args(inner) or (inner,))]

@@ -1,0 +1,75 @@
+"""Monte Carlo state values by sampling continuations with the live policy (the I/O side of `mc_chain`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from spo_cli.estimate.mc_chain import ValueState
+from spo_cli.sample import Sampler, SamplingParams
+from spo_cli.tasks import Task, derive_seed
+
+
+@dataclass
+class MonteCarloValues:
+    """V(state) = mean reward of `params.n` continuations sampled from the state.
+
+    A continuation cut by its token budget scores `unfinished_penalty`; a finished one is graded on the
+    whole response (the state's prefix text plus the continuation), as the reference grades rollouts.
+    Each iteration's rollouts draw from a seed derived from (run seed, iteration), so a resumed run or a
+    standalone `spo estimate-values` samples exactly the rollouts the training loop did.
+    """
+
+    sampler: Sampler
+    tokenizer: object
+    task: Task
+    params: SamplingParams
+    unfinished_penalty: float
+    run_seed: int
+    max_context: int | None = None  # the model's longest sequence; rollouts never run past it
+    generated_tokens: int = 0  # running count, for throughput metrics
+
+    def __call__(self, states: Sequence[ValueState], iteration: int) -> list[float]:
+        if not states:
+            return []
+        inputs = [list(s.prompt_token_ids) + list(s.prefix_token_ids) for s in states]
+        params = self.params
+        if self.max_context is not None:
+            longest = max(len(x) for x in inputs)
+            if longest >= self.max_context:
+                raise ValueError(f"a rollout state has {longest} tokens; the model's context is {self.max_context}")
+            params = replace(params, max_new_tokens=min(params.max_new_tokens, self.max_context - longest))
+        groups = self.sampler.generate_ids(inputs, params, seed=derive_seed(self.run_seed, "mc_chain", iteration))
+        texts, golds, reasons, owner = [], [], [], []
+        for k, (state, group) in enumerate(zip(states, groups)):
+            prefix = self.tokenizer.decode(list(state.prefix_token_ids), skip_special_tokens=True)
+            for c in group:
+                texts.append(prefix + c.text)
+                golds.append(state.gold)
+                reasons.append(c.finish_reason)
+                owner.append(k)
+                self.generated_tokens += len(c.token_ids)
+        rewards = self.task.grade(texts, golds)
+        totals = [0.0] * len(states)
+        counts = [0] * len(states)
+        for k, reward, reason in zip(owner, rewards, reasons):
+            totals[k] += self.unfinished_penalty if reason == "length" else reward
+            counts[k] += 1
+        return [t / c if c else 0.0 for t, c in zip(totals, counts)]
+
+
+def build_state_values(recipe, sampler: Sampler, tokenizer, task: Task, max_context: int | None) -> MonteCarloValues | None:
+    """The recipe's Monte Carlo value callable, or None when its estimator samples nothing."""
+    from spo_cli.recipe import McChain
+    from spo_cli.sample import sampling_params
+
+    spec = recipe.estimator
+    if not isinstance(spec, McChain):
+        return None
+    params = replace(
+        sampling_params(recipe.sampling, task.stop),
+        n=spec.rollouts,
+        max_new_tokens=spec.max_new_tokens or recipe.sampling.max_completion_length,
+        logprobs=False,
+    )
+    return MonteCarloValues(sampler, tokenizer, task, params, spec.unfinished_penalty, recipe.run.seed, max_context)
