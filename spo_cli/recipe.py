@@ -473,8 +473,13 @@ class Recipe(Section):
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of `data` with `key.sub=value` overrides applied (values parsed as YAML)."""
+    """Return a copy of `data` with `key.sub=value` overrides applied (values parsed as YAML).
+
+    Overriding a section's `kind` with a different one starts that section afresh (the old kind's fields
+    would not fit the new one), so `kind` overrides are applied before the others.
+    """
     data = copy.deepcopy(data)
+    overrides = sorted(overrides, key=lambda item: not item.partition("=")[0].strip().endswith(".kind"))
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -492,6 +497,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise SpoUserError(f"override {item!r}: {'.'.join(parts[: depth + 1])} is not a section")
             node = child
+        if parts[-1] == "kind" and len(parts) > 1 and node.get("kind") != value:
+            node.clear()
         node[parts[-1]] = value
     return data
 

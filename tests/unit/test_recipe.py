@@ -154,3 +154,14 @@ def test_all_sections_forbid_extra_keys():
         ann = field.annotation
         if isinstance(ann, type):
             assert ann.model_config.get("extra") == "forbid", name
+
+
+def test_kind_override_starts_the_section_afresh(tmp_path):
+    path = REPO / "recipes" / "tiny_arith_chain.yaml"
+    # cutpoint's rho/interval would be unknown fields of fixed_count; a kind switch drops them,
+    # and fields given for the new kind apply whatever their order on the command line.
+    r = load_recipe(path, ["partitioner.num_segments=3", "partitioner.kind=fixed_count"])
+    assert r.partitioner.kind == "fixed_count" and r.partitioner.num_segments == 3
+    # re-stating the same kind keeps the section's other fields
+    r = load_recipe(path, ["partitioner.kind=cutpoint", "partitioner.interval=10"])
+    assert (r.partitioner.rho, r.partitioner.interval) == (0.9, 10)
