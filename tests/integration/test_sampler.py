@@ -151,3 +151,16 @@ def test_shared_prefill_samples_what_plain_generate_samples_with_fewer_forward_t
     assert naive >= len(prompts) * n * width
     assert ours <= len(prompts) * (width - 1) + len(prompts) * n * new
     assert ours < naive / 2
+
+
+def test_logprobs_are_full_softmax_not_top_p_truncated(sampler, tiny_policy):
+    """SPO's cutpoints and pi_old use the temperature-scaled full softmax, whatever top_p truncates."""
+    model, _ = tiny_policy
+    c = sampler.generate(["Start at 9. Add 9. Result?"], SamplingParams(n=2, temperature=0.6, top_p=0.3, max_new_tokens=8), 2)[0][0]
+    ids = torch.tensor([c.prompt_token_ids + c.token_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(c.prompt_token_ids) - 1 : -1] / 0.6
+    full = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(c.logprobs), full, atol=1e-4)
+    # renormalised over the top-p nucleus the sampled tokens would be more probable than that
+    assert any(lp < -1e-3 for lp in c.logprobs)

@@ -86,3 +86,24 @@ def test_token_advantages_broadcast_segments():
         token_advantages(make_episode())
     with pytest.raises(ValueError, match="estimate"):
         token_advantages(make_episode(segments=[Segment(start=0, end=3)]))
+
+
+def test_version_1_records_still_read(tmp_path):
+    row = json.loads(make_episode(segments=[Segment(start=0, end=3, advantage=0.5)]).model_dump_json())
+    row["schema_version"] = 1
+    for key in ("response_entropies", "token_advantages"):
+        del row[key]
+    del row["segments"][0]["is_boundary"]
+    (tmp_path / "v1.jsonl").write_text(json.dumps(row) + "\n")
+    (ep,) = read_episodes(tmp_path / "v1.jsonl")
+    assert ep.segments[0].is_boundary and ep.token_advantages is None
+    assert token_advantages(ep) == [0.5, 0.5, 0.5]
+    write_episodes(tmp_path / "v2.jsonl", [ep])
+    assert json.loads((tmp_path / "v2.jsonl").read_text())["schema_version"] == 2
+
+
+def test_token_advantages_take_precedence_over_segments():
+    ep = make_episode(segments=[Segment(start=0, end=3, advantage=0.5)], token_advantages=[0.5, 0.0, 0.5])
+    assert token_advantages(ep) == [0.5, 0.0, 0.5]
+    with pytest.raises(ValueError, match="token_advantages has 2 entries for 3"):
+        make_episode(token_advantages=[0.1, 0.2])
