@@ -39,3 +39,39 @@ def test_group_estimate_fills_segment_advantages():
 def test_estimate_requires_partition():
     with pytest.raises(ValueError, match="partition stage"):
         estimate_advantages([make_episode()], Group())
+
+
+def test_partition_kinds_through_the_stage():
+    from spo_cli.models import build_byte_tokenizer
+    from spo_cli.recipe import Cutpoint, Entropy, FixedCount, FixedTokens, Step
+
+    tok = build_byte_tokenizer()
+    text = "6*6=36\n36-1=35\n#### 35"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text and len(ids) == len(text)  # byte tokens: one per character here
+    ep = make_episode(
+        response=text,
+        response_token_ids=ids,
+        response_logprobs=[-0.01] * len(ids),
+        response_entropies=[0.0] * len(ids),
+    )
+
+    def starts(spec, episode=ep):
+        (out,) = partition_episodes([episode], spec, tok)
+        return [(s.start, s.is_boundary) for s in out.segments]
+
+    # steps: "6*6=36" | "\n36-1=35\n#### 35" (the answer line joins the last step)
+    assert starts(Step()) == [(0, True), (6, True)]
+    assert starts(FixedTokens(segment_tokens=10)) == [(0, True), (10, True), (20, True)]
+    # 22 tokens in 4 parts: 6, 6, 5, 5; the first part's start is not a value state
+    assert starts(FixedCount(num_segments=4)) == [(0, False), (6, True), (12, True), (17, True)]
+    # every token has p = exp(-0.01) > 0.9: no cutpoint, one leading region
+    assert starts(Cutpoint()) == [(0, False)]
+    low = ep.model_copy(update={"response_logprobs": [-0.01] * 7 + [-1.0] * 15})
+    assert starts(Cutpoint(interval=5), low) == [(0, False), (7, True), (12, True), (17, True)]
+    # entropies 0.00, 0.01, ..., 0.21 with token 9 raised to 5.0: the 0.95 quantile of the 22 values sits
+    # between the sorted 20th and 21st (0.20 and 0.21) at 0.2095, so tokens 9 (5.0) and 21 (0.21) open segments
+    peaked = ep.model_copy(update={"response_entropies": [5.0 if t == 9 else 0.01 * t for t in range(22)]})
+    assert starts(Entropy(percentile=0.05), peaked) == [(0, True), (9, True), (21, True)]
+    with pytest.raises(ValueError, match="response_entropies"):
+        partition_episodes([ep.model_copy(update={"response_entropies": None})], Entropy())
