@@ -63,9 +63,7 @@ def estimate_file(recipe: Recipe, input_path: Path, output_path: Path, policy_di
             from spo_cli.estimate.rollout import build_state_values
             from spo_cli.sample import build_sampler
             from spo_cli.tasks import build_task
-            from spo_cli.train import set_offline_defaults
 
-            set_offline_defaults(recipe)
             runtime = _runtime(recipe)
             model, tokenizer = load_policy(recipe, policy_dir, runtime)
             log(f"rolling out with {policy_dir or 'the recipe model'}")
