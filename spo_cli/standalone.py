@@ -11,22 +11,21 @@ from pathlib import Path
 
 from spo_cli.episode import Episode, read_episodes, write_episodes
 from spo_cli.errors import SpoUserError
-from spo_cli.recipe import Entropy, Recipe, Step, TinyModel
+from spo_cli.recipe import Entropy, Recipe, Step
 
 
 def load_policy(recipe: Recipe, policy_dir: Path | None, runtime):
     """(model, tokenizer): the checkpoint in `policy_dir` (HF format), else the recipe's model."""
-    from spo_cli.models import build_byte_tokenizer, build_tiny_model, load_checkpoint, load_pretrained
+    from spo_cli.models import load_checkpoint
+    from spo_cli.train import initial_policy
 
     if policy_dir is not None:
         if not (policy_dir / "config.json").is_file():
             raise SpoUserError(f"--policy {policy_dir}: not a Hugging Face model directory (no config.json)")
         model, tokenizer = load_checkpoint(policy_dir)
-    elif isinstance(recipe.model, TinyModel):
-        tokenizer = build_byte_tokenizer()
-        model = build_tiny_model(recipe.model, tokenizer, recipe.run.seed)
     else:
-        model, tokenizer = load_pretrained(recipe.model)
+        policy = initial_policy(recipe)
+        model, tokenizer = policy.model, policy.tokenizer
     return model.to(runtime.device).eval(), tokenizer
 
 
@@ -35,9 +34,12 @@ def partition_file(recipe: Recipe, input_path: Path, output_path: Path, policy_d
 
     episodes = read_episodes(input_path)
     spec = recipe.partitioner
-    unscored = [i for i, ep in enumerate(episodes) if ep.response_logprobs is None]
-    if isinstance(spec, Entropy):
-        unscored = [i for i, ep in enumerate(episodes) if ep.response_logprobs is None or ep.response_entropies is None]
+    need_entropy = isinstance(spec, Entropy)
+    unscored = [
+        i
+        for i, ep in enumerate(episodes)
+        if ep.response_logprobs is None or (need_entropy and ep.response_entropies is None)
+    ]
     tokenizer = None
     if unscored or isinstance(spec, Step):
         runtime = _runtime(recipe)

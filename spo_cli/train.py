@@ -75,7 +75,7 @@ def set_offline_defaults(recipe: Recipe) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def initial_policy(recipe: Recipe, run_dir: Path) -> Policy:
+def initial_policy(recipe: Recipe) -> Policy:
     """The policy before any training: a freshly built tiny model or a pretrained checkpoint."""
     from spo_cli.models import build_byte_tokenizer, build_tiny_model, load_pretrained
 
@@ -96,7 +96,7 @@ def warm_started_policy(recipe: Recipe, run_dir: Path, task: Task, runtime, cons
         console.print(f"warm start: loading {saved}")
         model, tokenizer = load_checkpoint(saved)
         return Policy(model.to(runtime.device), tokenizer)
-    policy = initial_policy(recipe, run_dir)
+    policy = initial_policy(recipe)
     policy.model.to(runtime.device)
     if isinstance(recipe.warm_start, Sft):
         from spo_cli.sft import run_sft

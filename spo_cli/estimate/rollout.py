@@ -27,7 +27,6 @@ class MonteCarloValues:
     unfinished_penalty: float
     run_seed: int
     max_context: int | None = None  # the model's longest sequence; rollouts never run past it
-    generated_tokens: int = 0  # running count, for throughput metrics
 
     def __call__(self, states: Sequence[ValueState], iteration: int) -> list[float]:
         if not states:
@@ -48,7 +47,6 @@ class MonteCarloValues:
                 golds.append(state.gold)
                 reasons.append(c.finish_reason)
                 owner.append(k)
-                self.generated_tokens += len(c.token_ids)
         rewards = self.task.grade(texts, golds)
         totals = [0.0] * len(states)
         counts = [0] * len(states)
