@@ -22,10 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from spo_cli.errors import SpoUserError
 from spo_cli.fsutil import atomic_open
 
-SCHEMA_VERSION = 2
-# Version 1 records lack response_entropies, token_advantages and Segment.is_boundary; their defaults
-# read them correctly, so version 1 files are still accepted.
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+# Version 1 records lack response_entropies, token_advantages and Segment.is_boundary; version 2 records
+# lack response_values and value_targets. Their defaults read them correctly, so older files are accepted.
+READABLE_VERSIONS = (1, 2, 3)
 
 
 class Segment(BaseModel):
@@ -49,7 +49,7 @@ class Episode(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: Literal[1, 2] = SCHEMA_VERSION
+    schema_version: Literal[1, 2, 3] = SCHEMA_VERSION
     id: str = Field(description="Unique id of the episode within a run.")
     group_id: str = Field(description="Id of the prompt; episodes of the same prompt form a group.")
     iteration: int = Field(0, ge=0, description="RL iteration that sampled it (the policy version).")
@@ -74,12 +74,25 @@ class Episode(BaseModel):
         description="Advantage of each response token, where it is not simply its segment's advantage (SPO-chain zeroes "
         "tokens with probability above rho). Null: every token takes its segment's advantage.",
     )
-    metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form extras for later stages.")
+    response_values: list[float] | None = Field(
+        None,
+        description="The critic's value of the state before each response token when advantages were estimated "
+        "(V_old of the clipped value loss). Null without a critic.",
+    )
+    value_targets: list[float | None] | None = Field(
+        None,
+        description="Return the critic regresses to at each response token (GAE advantage + V_old); null entries are "
+        "tokens where the critic is not trained. Null without a critic.",
+    )
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extras for later stages, e.g. `tree` (node, parent, depth, leaf, question, value) on SPO-tree edges.",
+    )
 
     @model_validator(mode="after")
     def _aligned(self) -> Episode:
         n = len(self.response_token_ids)
-        for name in ("response_logprobs", "response_entropies", "token_advantages"):
+        for name in ("response_logprobs", "response_entropies", "token_advantages", "response_values", "value_targets"):
             values = getattr(self, name)
             if values is not None and len(values) != n:
                 raise ValueError(f"{name} has {len(values)} entries for {n} response tokens")

@@ -225,6 +225,12 @@ class Sampling(Section):
     max_completion_length: int = Field(64, ge=1, description="Most new tokens per response.")
     max_prompt_length: int | None = Field(None, ge=1, description="Drop prompts longer than this many tokens.")
     stop: list[str] = Field([], description="Stop strings; the response text ends before the stop string.")
+    max_context_length: int | None = Field(
+        None,
+        ge=2,
+        description="Prompt + response never exceed this many tokens (the reference's model_context_size): each "
+        "request's budget is min(its token budget, this - prompt tokens). Default: the model's max_position_embeddings.",
+    )
     generation_batch_size: int = Field(256, ge=1, description="Sequences per generate call (bounds memory).")
     keep_eos_token: bool = Field(
         True,
@@ -321,7 +327,99 @@ class McChain(Section):
     )
 
 
-EstimatorSpec = kind_union(Group, McChain, default="group")
+class Vineppo(Section):
+    """VinePPO: Monte Carlo value at the prompt and after each step, advantage r_k + V(after step) - V(before step)."""
+
+    kind: Literal["vineppo"] = "vineppo"
+    rollouts: int = Field(9, ge=1, description="Continuations sampled from each state; V is their mean reward.")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="New-token budget of each continuation; default: sampling.max_completion_length."
+    )
+    unfinished_penalty: float = Field(0.0, description="Reward of a continuation cut by its token budget.")
+    max_estimated_steps: int = Field(
+        25,
+        ge=0,
+        description="Values are estimated at the prompt and after each of the first N steps (the reference: 25); the "
+        "states after later steps are back-filled from the end (V_k = r_k + V_k+1, i.e. the episode's reward).",
+    )
+
+
+class TreeReplay(Section):
+    """The reference's on-policy replay buffer of tree edges (OnPolicyReplayBuffer)."""
+
+    max_age: int = Field(
+        7, ge=0, description="Edges sampled more than this many iterations ago are dropped (the reference keeps 7)."
+    )
+    edges_per_question: int = Field(
+        32,
+        ge=1,
+        description="Edges drawn (and removed from the buffer) per question per iteration; the rest wait for later "
+        "iterations, where they train with their stale old log-probs.",
+    )
+
+
+class McTree(Section):
+    """SPO-tree: a tree of fixed-length segments per prompt; V(node) = mean of its children, A = V(child) - V(parent).
+
+    The tree is also the iteration's sampling: `sampling.num_generations` is not used, each edge with a non-zero
+    advantage becomes one training episode (query = the parent's text, response = the child's segment).
+    """
+
+    kind: Literal["mc_tree"] = "mc_tree"
+    branching: list[int] = Field(
+        [6, 6, 6],
+        min_length=1,
+        description="Children of each node, by depth: [6, 6, 6] gives 6 children to the root, to each depth-1 node and "
+        "to each depth-2 node (the paper's 6-6-6; 4-5-6 and 4-4-4 are its ablations).",
+    )
+    segment_tokens: int = Field(
+        30,
+        ge=1,
+        description="Token budget of every level but the last (the reference's M: 30 for GSM8K, 600 for long CoT); the "
+        "last level gets sampling.max_completion_length. Every request is capped by sampling.max_context_length.",
+    )
+    normalize_std: bool = Field(
+        False,
+        description="Divide each edge advantage by the population std of its siblings' values (+ eps): the reference's "
+        "adv_method=grpo, which no shipped config uses.",
+    )
+    eps: float = Field(1e-8, gt=0, description="Added to the std when normalize_std is on.")
+    replay: TreeReplay | None = Field(
+        None, description="Replay buffer of edges across iterations, as the reference; null trains each iteration's edges."
+    )
+
+    @model_validator(mode="after")
+    def _positive_branching(self) -> McTree:
+        if any(b < 1 for b in self.branching):
+            raise ValueError(f"branching factors must be >= 1, got {self.branching}")
+        return self
+
+
+class Critic(Section):
+    """A value network: a transformer backbone with a linear value head, trained with a clipped value loss."""
+
+    value_model: str | None = Field(
+        None,
+        description="Backbone to start the critic from: a local directory or hub id of a causal LM; default: a copy "
+        "of the policy as RL starts (after the warm start).",
+    )
+    learning_rate: float = Field(1e-5, gt=0, description="Critic AdamW learning rate (constant).")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss (TRL PPO's vf_coef).")
+    cliprange_value: float = Field(
+        0.2, gt=0, description="New values are clipped to old value +- this in the clipped value loss (TRL PPO)."
+    )
+
+
+class Gae(Section):
+    """PPO with a critic: token-level GAE from a value network's estimates, the outcome reward on the last token."""
+
+    kind: Literal["gae"] = "gae"
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount per token.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    critic: Critic = Field(default_factory=Critic, description="The value network.")
+
+
+EstimatorSpec = kind_union(Group, McChain, Vineppo, McTree, Gae, default="group")
 
 
 # --------------------------------------------------------------------------------------------- loss
@@ -395,6 +493,13 @@ class Train(Section):
     per_device_train_batch_size: int = Field(8, ge=1, description="Episodes per forward/backward (micro-batch).")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     shuffle_episodes: bool = Field(True, description="Shuffle episodes before cutting mini-batches (seeded).")
+    episodes_per_iteration: int | None = Field(
+        None,
+        ge=1,
+        description="Resample each iteration's training episodes to exactly this many, as the reference does: a random "
+        "subset when there are more, the list repeated, shuffled and cut when there are fewer. Default: train on all. "
+        "Required by estimator.kind=mc_tree, whose edge count varies.",
+    )
     save_steps: int = Field(10, ge=1, description="Write a checkpoint every N iterations (and after the last).")
     save_total_limit: int | None = Field(2, ge=1, description="Keep only the newest N checkpoints; null keeps all.")
 
@@ -466,6 +571,17 @@ class Recipe(Section):
     def _consistent(self) -> Recipe:
         if isinstance(self.estimator, Group) and self.sampling.num_generations < 2:
             raise ValueError("estimator.kind=group needs sampling.num_generations >= 2 (a group of one has no baseline)")
+        if isinstance(self.estimator, McTree):
+            if not isinstance(self.partitioner, Whole):
+                raise ValueError(
+                    "estimator.kind=mc_tree: the tree's levels are its segments (every edge is one episode); "
+                    "set partitioner.kind: whole"
+                )
+            if self.train.episodes_per_iteration is None:
+                raise ValueError(
+                    "estimator.kind=mc_tree yields a varying number of edges per iteration: set "
+                    "train.episodes_per_iteration (the reference: 1024 for GSM8K 6-6-6, 512 for MATH)"
+                )
         return self
 
 
