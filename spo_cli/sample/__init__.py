@@ -18,6 +18,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 64
+    # Prompt + response never exceed this (the model's context): a prompt of P tokens gets
+    # min(max_new_tokens, max_total_tokens - P) new tokens. None: no limit beyond max_new_tokens.
+    max_total_tokens: int | None = None
     stop: tuple[str, ...] = ()
     keep_eos_token: bool = True
     logprobs: bool = True  # record log-probs and entropies (evaluation needs neither)
@@ -47,7 +50,8 @@ class Sampler(Protocol):
         ...
 
 
-def sampling_params(spec: Sampling, stop: Sequence[str] = ()) -> SamplingParams:
+def sampling_params(spec: Sampling, stop: Sequence[str] = (), max_context: int | None = None) -> SamplingParams:
+    """Training sampling settings; `max_context` (the model's) applies unless the recipe sets its own."""
     return SamplingParams(
         n=spec.num_generations,
         temperature=spec.temperature,
@@ -56,7 +60,22 @@ def sampling_params(spec: Sampling, stop: Sequence[str] = ()) -> SamplingParams:
         max_new_tokens=spec.max_completion_length,
         stop=tuple(dict.fromkeys([*spec.stop, *stop])),
         keep_eos_token=spec.keep_eos_token,
+        max_total_tokens=spec.max_context_length or max_context,
     )
+
+
+def new_token_budgets(prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[int]:
+    """New tokens each prompt may get: max_new_tokens, capped so prompt + response fit max_total_tokens."""
+    if params.max_total_tokens is None:
+        return [params.max_new_tokens] * len(prompt_ids)
+    budgets = [min(params.max_new_tokens, params.max_total_tokens - len(p)) for p in prompt_ids]
+    worst = min(range(len(budgets)), key=budgets.__getitem__, default=None)
+    if worst is not None and budgets[worst] < 1:
+        raise ValueError(
+            f"a prompt of {len(prompt_ids[worst])} tokens leaves no room for a response in a context of "
+            f"{params.max_total_tokens} tokens (filter long prompts with sampling.max_prompt_length)"
+        )
+    return budgets
 
 
 def build_sampler(spec: Sampling, model, tokenizer, runtime: Runtime) -> Sampler:

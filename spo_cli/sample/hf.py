@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
 from spo_cli.hardware import Runtime
-from spo_cli.sample import Completion, SamplingParams
+from spo_cli.sample import Completion, SamplingParams, new_token_budgets
 
 
 class HFSampler:
@@ -42,6 +43,7 @@ class HFSampler:
         if any(len(p) == 0 for p in prompt_ids):
             raise ValueError("every prompt needs at least one token")
         per_call = max(1, self.generation_batch_size // params.n)
+        budgets = new_token_budgets(prompt_ids, params)
         raw: list[list[tuple[list[int], list[float], list[float]]]] = []
         was_training = self.model.training
         self.model.eval()
@@ -52,14 +54,17 @@ class HFSampler:
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
                 for start in range(0, len(prompt_ids), per_call):
-                    raw.extend(self._generate_chunk(prompt_ids[start : start + per_call], params))
+                    # One generate call runs to the chunk's largest budget; each row is cut to its own below,
+                    # which samples the same distribution as a call with that row's budget.
+                    chunk_params = replace(params, max_new_tokens=max(budgets[start : start + per_call]))
+                    raw.extend(self._generate_chunk(prompt_ids[start : start + per_call], chunk_params))
         finally:
             self.model.train(was_training)
         completions = []
-        for ids, outs in zip(prompt_ids, raw):
+        for ids, budget, outs in zip(prompt_ids, budgets, raw):
             group = []
             for tokens, logprobs, entropies in outs:
-                response, text, reason = self._finish(tokens, params)
+                response, text, reason = self._finish(tokens[:budget], params)
                 group.append(
                     Completion(
                         prompt_token_ids=list(ids),

@@ -164,3 +164,20 @@ def test_logprobs_are_full_softmax_not_top_p_truncated(sampler, tiny_policy):
     assert torch.allclose(torch.tensor(c.logprobs), full, atol=1e-4)
     # renormalised over the top-p nucleus the sampled tokens would be more probable than that
     assert any(lp < -1e-3 for lp in c.logprobs)
+
+
+def test_context_caps_each_prompt_on_its_own(sampler, tiny_policy):
+    # Prompts of 1 and 30 tokens, 12 new tokens, a context of 36: the long prompt gets 6 tokens, the short
+    # one its full 12, and the short one samples what it samples without the cap (the row is only cut).
+    model, tokenizer = tiny_policy
+    prompts = [[5], list(range(10, 40))]
+    free = sampler.generate_ids(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=12), seed=3)
+    capped = sampler.generate_ids(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=12, max_total_tokens=36), seed=3)
+    assert [c.token_ids for c in capped[0]] == [c.token_ids for c in free[0]]
+    for c, f in zip(capped[1], free[1]):
+        assert len(c.token_ids) <= 6 and c.token_ids == f.token_ids[: len(c.token_ids)]
+        assert len(c.logprobs) == len(c.token_ids)
+        if len(f.token_ids) > 6:
+            assert c.finish_reason == "length"
+    with pytest.raises(ValueError, match="no room"):
+        sampler.generate_ids(prompts, SamplingParams(max_new_tokens=4, max_total_tokens=30), seed=0)
