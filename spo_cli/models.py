@@ -124,6 +124,24 @@ def load_pretrained(spec: PretrainedModel, field: str = "model.name_or_path") ->
     return model, tokenizer
 
 
+def load_backbone(name_or_path: str, field: str, dtype) -> PreTrainedModel:
+    """The transformer of a causal LM without its LM head (`AutoModel`), e.g. to start a critic from."""
+    from transformers import AutoModel
+
+    from spo_cli.tasks.data import hub_reachable
+
+    name = name_or_path
+    if _is_local(name) and not Path(name).expanduser().is_dir():
+        raise SpoUserError(f"`{field}`: no such model directory: {name}")
+    offline = not _is_local(name) and (os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable())
+    try:
+        return AutoModel.from_pretrained(name, dtype=dtype, local_files_only=offline)
+    except (OSError, ValueError) as exc:
+        if offline:
+            raise SpoUserError(_offline_hint(name, field)) from None
+        raise SpoUserError(f"`{field}`: cannot load {name!r} as a transformer backbone: {exc}") from None
+
+
 def load_checkpoint(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model + tokenizer that spo saved (Hugging Face format)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -17,6 +17,7 @@ from torch import Tensor
 __all__ = [
     "LossInputs",
     "LossOutputs",
+    "clipped_value_loss",
     "masked_whiten",
     "ppo_clip_loss",
     "token_entropy",
@@ -251,6 +252,77 @@ def ppo_clip_loss(
     return LossOutputs(
         loss=loss, policy_loss=policy_loss.detach(), kl=kl.detach(), metrics=metrics
     )
+
+
+def clipped_value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip: float,
+    *,
+    normalizer: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """The critic's clipped value loss (TRL PPO, verl): new values may not move past ``V_old +- clip`` for free.
+
+    Per token, over ``S = {mask != 0}``::
+
+        V_clipped = clamp(values, old_values - clip, old_values + clip)
+        l         = max((values - returns)^2, (V_clipped - returns)^2)
+        loss      = 0.5 * sum_S(l) / normalizer          (normalizer defaults to |S|)
+
+    Pass the masked-token count of the whole mini-batch as ``normalizer`` when accumulating gradients over
+    micro-batches, so the micro-batch losses add up to the mini-batch's token mean. An empty mask gives an
+    exact 0 that still backpropagates.
+
+    Args:
+        values (Tensor): ``[B, T]`` the critic's current values; carries the gradient.
+        old_values (Tensor): ``[B, T]`` values when the advantages were estimated (``V_old``).
+        returns (Tensor): ``[B, T]`` value targets ``G``.
+        mask (Tensor): ``[B, T]`` 1 (or True) where the critic is trained.
+        clip (float): ``cliprange_value`` (> 0).
+        normalizer (float | None): denominator override; 0 only when nothing is masked in.
+
+    Returns:
+        (loss, metrics): scalar ``loss`` with grad; ``metrics`` has ``value_loss`` (its value),
+        ``value_clipfrac`` (fraction of masked tokens where the clipped term is the larger, TRL's
+        ``vf_clipfrac``), ``value_mean`` (mean masked value) and ``num_value_tokens``.
+
+    Raises:
+        ValueError: on shape mismatches, ``clip <= 0`` or an invalid ``normalizer``.
+    """
+    if values.dim() != 2:
+        raise ValueError(f"values must have shape [B, T], got {tuple(values.shape)}")
+    for name, tensor in (("old_values", old_values), ("returns", returns), ("mask", mask)):
+        if tensor.shape != values.shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(values.shape)}")
+    if not clip > 0:
+        raise ValueError(f"clip must be > 0, got {clip}")
+    keep = mask != 0
+    zero = values.new_zeros((), dtype=torch.float32)
+    # Zeroing unmasked entries before any arithmetic (torch.where, not a multiplication) keeps NaN/inf at
+    # padding out of the loss and out of its gradient.
+    v = torch.where(keep, values.float(), zero)
+    old = torch.where(keep, old_values.detach().float(), zero)
+    target = torch.where(keep, returns.detach().float(), zero)
+    clipped = torch.maximum(torch.minimum(v, old + clip), old - clip)
+    unclipped_loss = (v - target).square()
+    clipped_loss = (clipped - target).square()
+    per_token = torch.where(keep, torch.maximum(unclipped_loss, clipped_loss), zero)
+    count = float(keep.sum().item())
+    loss = 0.5 * per_token.sum() / _denominator(count, normalizer, "value tokens")
+    with torch.no_grad():
+        clip_count, value_sum, loss_value = torch.stack(
+            [(keep & (clipped_loss > unclipped_loss)).float().sum(), torch.where(keep, v, zero).sum(), loss.detach()]
+        ).tolist()
+    denom = max(count, 1.0)
+    metrics = {
+        "value_loss": loss_value,
+        "value_clipfrac": clip_count / denom,
+        "value_mean": value_sum / denom,
+        "num_value_tokens": count,
+    }
+    return loss, metrics
 
 
 def masked_whiten(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:

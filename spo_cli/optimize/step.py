@@ -6,14 +6,18 @@ import math
 import random
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from spo_cli.episode import Episode, token_advantages
 from spo_cli.hardware import Runtime
-from spo_cli.optimize.loss import LossInputs, masked_whiten, ppo_clip_loss
+from spo_cli.optimize.loss import LossInputs, clipped_value_loss, masked_whiten, ppo_clip_loss
 from spo_cli.policy import collate, forward_logprobs, score_responses
 from spo_cli.recipe import PpoClip, Train
+
+if TYPE_CHECKING:
+    from spo_cli.critic import ValueCritic
 
 
 def trained_token_count(episode: Episode, prob_mask_rho: float | None) -> int:
@@ -23,11 +27,17 @@ def trained_token_count(episode: Episode, prob_mask_rho: float | None) -> int:
     return sum(1 for lp in episode.response_logprobs if math.exp(lp) < prob_mask_rho)
 
 
-def select_trainable(episodes: Sequence[Episode], loss: PpoClip) -> list[Episode]:
-    """Episodes that can move the policy; all of them unless zero-advantage ones may be skipped."""
+def select_trainable(episodes: Sequence[Episode], loss: PpoClip, train_critic: bool = False) -> list[Episode]:
+    """Episodes that can move the policy, or the critic when one trains (any value target); all of them unless
+    zero-advantage ones may be skipped."""
     if not loss.skip_zero_advantage or loss.beta > 0 or loss.whiten_advantages:
         return list(episodes)
-    return [ep for ep in episodes if any(a != 0.0 for a in token_advantages(ep))]
+    return [
+        ep
+        for ep in episodes
+        if any(a != 0.0 for a in token_advantages(ep))
+        or (train_critic and any(t is not None for t in ep.value_targets or []))
+    ]
 
 
 def steps_per_iteration(num_episodes: int, train: Train) -> int:
@@ -49,6 +59,7 @@ def ppo_update(
     pad_id: int,
     rng: random.Random,
     ref_model=None,
+    critic: ValueCritic | None = None,
 ) -> dict[str, float]:
     """Run `train.ppo_epochs` passes of PPO-clip over `episodes` (which carry segment advantages).
 
@@ -56,12 +67,24 @@ def ppo_update(
     `per_device_train_batch_size * gradient_accumulation_steps` episodes is one optimizer step; the
     token-mean loss is normalised by the trained tokens of the whole mini-batch, so accumulation
     gives the same gradient as one big batch.
+
+    With a `critic`, every micro-batch also runs the value model with grad and adds `vf_coef` times the
+    clipped value loss over the tokens with a value target (normalised over the mini-batch's such tokens,
+    like the policy loss); the critic's gradient is clipped to `max_grad_norm` and its optimizer steps with
+    the policy's. Its gradients come from the value loss alone: the two models share no parameters.
     """
     rho = loss.prob_mask_rho if loss.use_prob_mask else None
     missing = next((ep.id for ep in episodes if ep.response_logprobs is None), None)
     if missing is not None:
         raise ValueError(f"episode {missing} has no response_logprobs (pi_old): run the partition stage to score it")
-    episodes = select_trainable(episodes, loss)
+    if critic is not None:
+        missing = next((ep.id for ep in episodes if ep.response_values is None or ep.value_targets is None), None)
+        if missing is not None:
+            raise ValueError(
+                f"episode {missing} has no response_values/value_targets: training a critic needs an estimator "
+                "that writes them (estimator.kind=gae)"
+            )
+    episodes = select_trainable(episodes, loss, train_critic=critic is not None)
     sums: dict[str, float] = defaultdict(float)
     weights: dict[str, float] = defaultdict(float)
     if not episodes:
@@ -81,10 +104,13 @@ def ppo_update(
             autocast=runtime.autocast,
         )
     trained_tokens = [trained_token_count(ep, rho) for ep in episodes]
+    value_tokens = [sum(t is not None for t in ep.value_targets or []) for ep in episodes]
     micro = train.per_device_train_batch_size
     per_step = micro * train.gradient_accumulation_steps
     steps = 0
     policy.train()
+    if critic is not None:
+        critic.model.train()
     for _ in range(train.ppo_epochs):
         order = list(range(len(episodes)))
         if train.shuffle_episodes:
@@ -95,6 +121,7 @@ def ppo_update(
                 normalizer = float(sum(trained_tokens[i] for i in mini))
             else:
                 normalizer = float(sum(1 for i in mini if trained_tokens[i] > 0))
+            value_normalizer = float(sum(value_tokens[i] for i in mini))
             for mc_start in range(0, len(mini), micro):
                 idx = mini[mc_start : mc_start + micro]
                 batch = collate(
@@ -123,7 +150,17 @@ def ppo_update(
                 skipped = loss.skip_ratio_above is not None and out.metrics["ratio_mean"] > loss.skip_ratio_above
                 # The reference drops a micro-batch whose policy has drifted too far (ratio explosion)
                 # but still runs backward, so every rank does the same collective work.
-                (out.loss * 0.0 if skipped else out.loss).backward()
+                total = out.loss * 0.0 if skipped else out.loss
+                if critic is not None:
+                    value_loss, value_metrics = _critic_loss(
+                        critic, batch, [episodes[i] for i in idx], value_normalizer, runtime
+                    )
+                    total = total + critic.vf_coef * value_loss
+                    sums["value_loss"] += value_metrics["value_loss"]
+                    for key in ("value_clipfrac", "value_mean"):
+                        sums[key] += value_metrics[key] * value_metrics["num_value_tokens"]
+                        weights[key] += value_metrics["num_value_tokens"]
+                total.backward()
                 sums["skipped_micro_batches"] += float(skipped)
                 weights["skipped_micro_batches"] = 1.0
                 n_tok = out.metrics.get("num_tokens", 0.0)
@@ -142,12 +179,34 @@ def ppo_update(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             sums["grad_norm"] += float(grad_norm)
+            if critic is not None:
+                value_grad_norm = torch.nn.utils.clip_grad_norm_(critic.model.parameters(), max_grad_norm)
+                sums["value_grad_norm"] += float(value_grad_norm)
+                critic.optimizer.step()
+                critic.optimizer.zero_grad(set_to_none=True)
             steps += 1
     metrics = {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
     metrics["policy_loss"] = sums["policy_loss"] / steps
     metrics["grad_norm"] = sums["grad_norm"] / steps
     metrics["kl"] = sums["kl"] / steps
+    if critic is not None:
+        # Like policy_loss: micro-batch losses add up to the step's loss, so average over steps.
+        metrics["value_loss"] = sums["value_loss"] / steps
+        metrics["value_grad_norm"] = sums["value_grad_norm"] / steps
     metrics["optimizer_steps"] = float(steps)
     metrics["trained_episodes"] = float(len(episodes))
     metrics["learning_rate"] = float(scheduler.get_last_lr()[0])
     return metrics
+
+
+def _critic_loss(
+    critic: ValueCritic, batch, episodes: Sequence[Episode], normalizer: float, runtime: Runtime
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The clipped value loss of one micro-batch (`batch` holds `episodes`), with grad through the critic."""
+    with runtime.autocast():
+        values = critic.model(batch)
+    targets = [ep.value_targets for ep in episodes]
+    mask = batch.scatter([[float(t is not None) for t in row] for row in targets])
+    returns = batch.scatter([[0.0 if t is None else t for t in row] for row in targets])
+    old_values = batch.scatter([ep.response_values for ep in episodes])
+    return clipped_value_loss(values, old_values, returns, mask, critic.cliprange_value, normalizer=normalizer)
