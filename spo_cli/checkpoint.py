@@ -1,7 +1,7 @@
 """Checkpoints: Hugging Face model + tokenizer, optimizer, scheduler, RNG and loop position, written atomically.
 
 Layout of a run directory:
-    checkpoints/iter_000010/{model/, optimizer.pt, trainer_state.json}
+    checkpoints/iter_000010/{model/, optimizer.pt, trainer_state.json, critic/ (estimator gae)}
     checkpoints/latest            -> text: "iter_000010"
 A checkpoint directory is built under a temporary name and renamed into place when complete, and
 `latest` is replaced atomically after that, so a kill at any moment leaves the last good checkpoint.
@@ -13,6 +13,7 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,13 @@ def save_checkpoint(
     scheduler,
     trainer_state: dict[str, Any],
     keep: int | None,
+    json_files: dict[str, Any] | None = None,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
+    """Write checkpoint `iteration` atomically; `json_files` are extra states saved as <name>.json in it.
+
+    `write_extra(staging_dir)` writes more state (a critic) into the checkpoint before it is published.
+    """
     root = checkpoint_root(run_dir)
     name = f"iter_{iteration:06d}"
     staging = root / f".{name}.partial"
@@ -62,6 +69,10 @@ def save_checkpoint(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
         staging / "optimizer.pt",
     )
+    for stem, obj in (json_files or {}).items():
+        (staging / f"{stem}.json").write_text(json.dumps(obj))
+    if write_extra is not None:
+        write_extra(staging)
     (staging / "trainer_state.json").write_text(json.dumps({**trainer_state, "iteration": iteration}, indent=2))
     final = root / name
     publish_dir(staging, final)
@@ -101,6 +112,12 @@ def load_optimizer_state(checkpoint: Path, optimizer, scheduler) -> None:
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
+
+
+def read_checkpoint_json(checkpoint: Path, name: str) -> Any:
+    """An extra state saved with `json_files`; None when the checkpoint has none."""
+    path = checkpoint / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def save_json(path: Path, obj: Any) -> None:

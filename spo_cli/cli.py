@@ -110,20 +110,38 @@ def partition(
 @app.command("estimate-values")
 def estimate_values(
     recipe: RecipeArg,
-    input: Annotated[Path, typer.Option("--in", help="Partitioned episodes JSONL to read.")],
+    input: Annotated[Path, typer.Option("--in", help="Partitioned episodes JSONL to read (mc_tree: or a prompt file).")],
     output: Annotated[Path, typer.Option("--out", help="Episodes JSONL to write (with segment and token advantages).")],
     overrides: OverridesArg = None,
     policy: PolicyOpt = None,
+    critic: Annotated[
+        Path | None,
+        typer.Option(
+            "--critic",
+            help="A gae run's saved critic, <run_dir>/checkpoints/iter_N/critic with N the episodes' iteration - 1 "
+            "(estimator.kind=gae only).",
+        ),
+    ] = None,
+    iteration: Annotated[
+        int,
+        typer.Option(
+            "--iteration",
+            help="mc_tree on a prompt file: grow the trees with the seeds of this training iteration.",
+            min=0,
+        ),
+    ] = 1,
 ) -> None:
     """Fill segment advantages of saved, partitioned episodes with the recipe's estimator.
 
     Monte Carlo estimators sample continuations from --policy with the recipe's sampling settings and the
     seed a training run would use for the episodes' iteration, so they reproduce `spo train`'s advantages.
+    gae reads the values of the critic given with --critic. mc_tree also takes a prompt file (JSONL rows with
+    `question` or `prompt`, and `gold`): it grows a tree per prompt with --policy and writes the edge episodes.
     """
     spec = _load(recipe, overrides)
     from spo_cli.standalone import estimate_file
 
-    stats = estimate_file(spec, input, output, policy, typer.echo)
+    stats = estimate_file(spec, input, output, policy, typer.echo, critic, iteration)
     typer.echo(f"wrote {int(stats.pop('episodes'))} episodes to {output}" + "".join(f"  {k} {v:g}" for k, v in stats.items()))
 
 

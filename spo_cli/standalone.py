@@ -1,7 +1,8 @@
 """The partition and estimate stages run on saved episode files (`spo partition`, `spo estimate-values`).
 
 They call the same stage functions as `spo train`; what they add is loading the policy when a stage
-needs one: scoring episodes that lack log-probabilities, and sampling Monte Carlo rollouts.
+needs one: scoring episodes that lack log-probabilities, and sampling Monte Carlo rollouts; and loading a
+run's critic for gae.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from spo_cli.episode import Episode, read_episodes, write_episodes
 from spo_cli.errors import SpoUserError
-from spo_cli.recipe import Entropy, Recipe, Step
+from spo_cli.recipe import Entropy, McTree, Recipe, Step, Whole
 
 
 def load_policy(recipe: Recipe, policy_dir: Path | None, runtime):
@@ -55,11 +56,25 @@ def partition_file(recipe: Recipe, input_path: Path, output_path: Path, policy_d
     return len(parted)
 
 
-def estimate_file(recipe: Recipe, input_path: Path, output_path: Path, policy_dir: Path | None, log: Callable[[str], None]) -> dict[str, float]:
-    from spo_cli.estimate import estimate_advantages, needs_policy
+def estimate_file(
+    recipe: Recipe,
+    input_path: Path,
+    output_path: Path,
+    policy_dir: Path | None,
+    log: Callable[[str], None],
+    critic_dir: Path | None = None,
+    iteration: int = 1,
+) -> dict[str, float]:
+    from spo_cli.estimate import estimate_advantages, needs_critic, needs_policy
 
+    if isinstance(recipe.estimator, McTree) and is_prompt_file(input_path):
+        return grow_trees_file(recipe, input_path, output_path, policy_dir, iteration, log)
     episodes = read_episodes(input_path)
-    state_values, task = None, None
+    state_values, critic_values, task = None, None, None
+    if needs_critic(recipe.estimator):
+        critic_values = _critic_values(recipe, critic_dir, log)
+    elif critic_dir is not None:
+        raise SpoUserError(f"--critic: estimator.kind={recipe.estimator.kind} reads no critic (only gae does)")
     try:
         if needs_policy(recipe.estimator):
             from spo_cli.estimate.rollout import build_state_values
@@ -73,7 +88,7 @@ def estimate_file(recipe: Recipe, input_path: Path, output_path: Path, policy_di
             sampler = build_sampler(recipe.sampling, model, tokenizer, runtime)
             max_context = getattr(model.config, "max_position_embeddings", None)
             state_values = build_state_values(recipe, sampler, tokenizer, task, max_context)
-        episodes, stats = estimate_advantages(episodes, recipe.estimator, state_values)
+        episodes, stats = estimate_advantages(episodes, recipe.estimator, state_values, critic_values)
     except ValueError as exc:
         raise SpoUserError(f"{input_path}: {exc}") from None
     finally:
@@ -81,6 +96,29 @@ def estimate_file(recipe: Recipe, input_path: Path, output_path: Path, policy_di
             task.close()
     write_episodes(output_path, episodes)
     return {"episodes": float(len(episodes)), **stats}
+
+
+def _critic_values(recipe: Recipe, critic_dir: Path | None, log: Callable[[str], None]):
+    """The values of a run's saved critic. There is no default: gae's advantages are only those of the loop with
+    the critic's weights at that iteration, which only the run has."""
+    from spo_cli.critic import episode_values, load_critic
+
+    if critic_dir is None:
+        raise SpoUserError(
+            "estimator.kind=gae reads a trained value network: pass --critic <run_dir>/checkpoints/iter_N/critic, "
+            "the critic of the checkpoint before the episodes' iteration (N = iteration - 1)"
+        )
+    runtime = _runtime(recipe)
+    critic = load_critic(critic_dir, recipe.estimator.critic, recipe.optim, device=runtime.device)
+    log(f"valuing states with the critic in {critic_dir}")
+    return episode_values(
+        critic.model,
+        # Padding sits after every real token and is masked out, so its id changes no value.
+        pad_id=critic.model.backbone.config.pad_token_id or 0,
+        batch_size=recipe.train.per_device_train_batch_size,
+        device=runtime.device,
+        autocast=runtime.autocast,
+    )
 
 
 def _runtime(recipe: Recipe):
@@ -116,3 +154,91 @@ def _score(episodes: list[Episode], indices: list[int], model, tokenizer, recipe
             }
         )
     return out
+
+
+def is_prompt_file(path: Path) -> bool:
+    """Whether a JSONL file holds prompts (rows without `response_token_ids`) rather than episodes."""
+    import json
+
+    if not path.is_file():
+        raise SpoUserError(f"input file not found: {path}")
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise SpoUserError(f"{path}:{lineno}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+                return isinstance(row, dict) and "response_token_ids" not in row
+    raise SpoUserError(f"{path}: the file is empty")
+
+
+def read_prompt_file(path: Path) -> list[dict[str, str]]:
+    """Rows {"id"?, "question" or "prompt", "gold"}: a question is formatted with the recipe's task template
+    (and chat template), a prompt is used as it is."""
+    import json
+
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SpoUserError(f"{path}:{lineno}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+            if not isinstance(row, dict) or ("question" in row) == ("prompt" in row):
+                raise SpoUserError(f"{path}:{lineno}: a prompt row needs exactly one of `question` and `prompt`")
+            for key in ("question", "prompt", "gold", "id"):
+                if key in row and not isinstance(row[key], str):
+                    raise SpoUserError(f"{path}:{lineno}: `{key}` must be a string")
+            if "gold" not in row:
+                raise SpoUserError(f"{path}:{lineno}: missing `gold` (the reference answer the leaves are graded against)")
+            rows.append({"id": row.get("id", f"p{len(rows)}"), **row})
+    if not rows:
+        raise SpoUserError(f"{path}: no prompts")
+    return rows
+
+
+def grow_trees_file(
+    recipe: Recipe, input_path: Path, output_path: Path, policy_dir: Path | None, iteration: int, log: Callable[[str], None]
+) -> dict[str, float]:
+    """SPO-tree standalone: grow a tree per prompt with the policy and write the edges with a non-zero advantage.
+
+    The trees are grown exactly as `spo train` grows them in iteration `iteration` (same seeds), so the same
+    prompts in the same order and the same policy give the same edges.
+    """
+    from spo_cli.estimate import estimate_advantages
+    from spo_cli.estimate.mc_tree import TreeRoot, expand_trees
+    from spo_cli.partition import partition_episodes
+    from spo_cli.sample import build_sampler, sampling_params
+    from spo_cli.tasks import apply_template, build_task
+
+    rows = read_prompt_file(input_path)
+    runtime = _runtime(recipe)
+    model, tokenizer = load_policy(recipe, policy_dir, runtime)
+    task = build_task(recipe.task, recipe.sampling.prompts_per_iteration)
+    try:
+        prompts = [
+            row["prompt"] if "prompt" in row else apply_template(tokenizer, task.format_prompt(row["question"]), task.use_chat_template)
+            for row in rows
+        ]
+        sampler = build_sampler(recipe.sampling, model, tokenizer, runtime)
+        roots = [
+            TreeRoot(f"it{iteration}-{row['id']}", row["id"], prompt, tuple(ids), row["gold"])
+            for row, prompt, ids in zip(rows, prompts, sampler.encode_prompts(prompts))
+        ]
+        params = sampling_params(recipe.sampling, task.stop, getattr(model.config, "max_position_embeddings", None))
+        spec = recipe.estimator
+        log(f"growing {len(roots)} trees ({'-'.join(map(str, spec.branching))}) with {policy_dir or 'the recipe model'}")
+        nodes, grow_stats = expand_trees(
+            roots, sampler, tokenizer, task, branching=spec.branching, segment_tokens=spec.segment_tokens,
+            params=params, seed=recipe.run.seed, iteration=iteration,
+        )  # fmt: skip
+        edges, stats = estimate_advantages(partition_episodes(nodes, Whole(), tokenizer), spec)
+    except ValueError as exc:
+        raise SpoUserError(f"{input_path}: {exc}") from None
+    finally:
+        task.close()
+    write_episodes(output_path, edges)
+    return {"episodes": float(len(edges)), **grow_stats, **stats}

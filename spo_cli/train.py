@@ -22,6 +22,7 @@ from rich.console import Console
 from spo_cli.checkpoint import (
     latest_checkpoint,
     load_optimizer_state,
+    read_checkpoint_json,
     read_trainer_state,
     save_checkpoint,
     save_json,
@@ -32,7 +33,8 @@ from spo_cli.estimate import estimate_advantages
 from spo_cli.fsutil import atomic_write_text, publish_dir
 from spo_cli.metrics import MetricsLog, truncate_records
 from spo_cli.partition import partition_episodes
-from spo_cli.recipe import PretrainedModel, Recipe, Sft, TinyModel, dump_recipe
+from spo_cli.recipe import McTree, PretrainedModel, Recipe, Sft, TinyModel, dump_recipe
+from spo_cli.replay import EdgeReplayBuffer, fit_episode_count
 from spo_cli.tasks import Task, apply_template, build_task, derive_seed
 
 WARM_START_DIR = "warm_start"
@@ -110,9 +112,8 @@ def warm_started_policy(recipe: Recipe, run_dir: Path, task: Task, runtime, cons
     return policy
 
 
-def sample_episodes(
-    sampler, tokenizer, task: Task, recipe: Recipe, iteration: int, params
-) -> tuple[list[Episode], dict[str, float]]:
+def training_prompts(sampler, tokenizer, task: Task, recipe: Recipe, iteration: int) -> tuple[list, list[str]]:
+    """The iteration's problems and their formatted prompts (over-long prompts dropped)."""
     problems = task.train_problems(iteration, recipe.sampling.prompts_per_iteration, recipe.run.seed)
     prompts = [apply_template(tokenizer, task.format_prompt(p.question), task.use_chat_template) for p in problems]
     if recipe.sampling.max_prompt_length is not None:
@@ -121,6 +122,13 @@ def sample_episodes(
         problems, prompts = [problems[i] for i in kept], [prompts[i] for i in kept]
         if not problems:
             raise SpoUserError(f"`sampling.max_prompt_length` ({recipe.sampling.max_prompt_length}) drops every prompt")
+    return problems, prompts
+
+
+def sample_episodes(
+    sampler, tokenizer, task: Task, recipe: Recipe, iteration: int, params
+) -> tuple[list[Episode], dict[str, float]]:
+    problems, prompts = training_prompts(sampler, tokenizer, task, recipe, iteration)
     groups = sampler.generate(prompts, params, seed=derive_seed(recipe.run.seed, "sample", iteration))
     flat = [(p, prompt, c) for p, prompt, g in zip(problems, prompts, groups) for c in g]
     rewards = task.rewards([c.text for _, _, c in flat], [p.gold for p, _, _ in flat], [c.finish_reason for _, _, c in flat])
@@ -144,9 +152,32 @@ def sample_episodes(
     return episodes, {"num_prompts": float(len(problems))}
 
 
+def sample_trees(
+    sampler, tokenizer, task: Task, recipe: Recipe, iteration: int, params
+) -> tuple[list[Episode], dict[str, float]]:
+    """SPO-tree's sampling: one tree per prompt; returns its node episodes."""
+    from spo_cli.estimate.mc_tree import TreeRoot, expand_trees
+
+    spec = recipe.estimator
+    problems, prompts = training_prompts(sampler, tokenizer, task, recipe, iteration)
+    roots = [
+        TreeRoot(f"it{iteration}-{p.id}", p.id, prompt, tuple(ids), p.gold)
+        for p, prompt, ids in zip(problems, prompts, sampler.encode_prompts(prompts))
+    ]
+    episodes, stats = expand_trees(
+        roots, sampler, tokenizer, task, branching=spec.branching, segment_tokens=spec.segment_tokens,
+        params=params, seed=recipe.run.seed, iteration=iteration,
+    )  # fmt: skip
+    return episodes, {"num_prompts": float(len(problems)), **stats}
+
+
 def rollout_metrics(episodes: list[Episode]) -> dict[str, float]:
     from spo_cli.evaluate import accuracy
 
+    # Tree node episodes: only leaves carry a reward.
+    episodes = [ep for ep in episodes if ep.reward is not None]
+    if not episodes:
+        return {}
     rewards = [ep.reward for ep in episodes]
     n = len(rewards)
     mean = sum(rewards) / n
@@ -219,16 +250,25 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
             eps=optim.adam_epsilon,
             weight_decay=optim.weight_decay,
         )
-        per_iter = steps_per_iteration(recipe.sampling.prompts_per_iteration * recipe.sampling.num_generations, recipe.train)
+        per_iter = steps_per_iteration(
+            recipe.train.episodes_per_iteration or recipe.sampling.prompts_per_iteration * recipe.sampling.num_generations,
+            recipe.train,
+        )
         total_steps = per_iter * (optim.schedule_iterations or recipe.train.iterations)
         warmup = optim.warmup_steps if optim.warmup_steps is not None else round(optim.warmup_ratio * total_steps)
         scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup, kind=optim.lr_scheduler_type)
         if ckpt is not None:
             load_optimizer_state(ckpt, optimizer, scheduler)
+        critic = _critic(recipe, model, tokenizer, ckpt, runtime)
+        critic_values = _critic_values(critic, recipe, tokenizer, runtime)
 
         sampler = build_sampler(recipe.sampling, model, tokenizer, runtime)
-        params = sampling_params(recipe.sampling, task.stop)
+        params = sampling_params(recipe.sampling, task.stop, _max_context(model))
         state_values = build_state_values(recipe, sampler, tokenizer, task, _max_context(model))
+        tree = recipe.estimator if isinstance(recipe.estimator, McTree) else None
+        replay = EdgeReplayBuffer(tree.replay.max_age, tree.replay.edges_per_question) if tree and tree.replay else None
+        if replay is not None and ckpt is not None:
+            replay.load_state_dict(read_checkpoint_json(ckpt, "replay") or [])
         # Resuming drops the records of iterations after the checkpoint: they are about to be redone.
         metrics_log = MetricsLog(run_dir, recipe.logging.tensorboard, resume_iteration=start - 1 if resume else None)
         cleanup.callback(metrics_log.close)
@@ -256,10 +296,22 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
             bar = progress.add_task("RL", total=recipe.train.iterations, completed=start - 1)
             for iteration in range(start, recipe.train.iterations + 1):
                 t0 = time.perf_counter()
-                episodes, sample_stats = sample_episodes(sampler, tokenizer, task, recipe, iteration, params)
+                sample = sample_trees if tree else sample_episodes
+                episodes, sample_stats = sample(sampler, tokenizer, task, recipe, iteration, params)
                 t_sample = time.perf_counter() - t0
+                if tree and recipe.logging.save_episodes:
+                    write_episodes(run_dir / "trees" / f"iter_{iteration:06d}.jsonl", episodes)
+                sampled = episodes
                 episodes = partition_episodes(episodes, recipe.partitioner, tokenizer)
-                episodes, estimate_stats = estimate_advantages(episodes, recipe.estimator, state_values)
+                episodes, estimate_stats = estimate_advantages(episodes, recipe.estimator, state_values, critic_values)
+                if replay is not None:
+                    replay.add(episodes, iteration)
+                    episodes = replay.draw(iteration, random.Random(derive_seed(seed, "replay", iteration)))
+                    estimate_stats["replay/size"] = float(len(replay))
+                if recipe.train.episodes_per_iteration is not None:
+                    estimate_stats["episodes/unique"] = float(len(episodes))
+                    rng = random.Random(derive_seed(seed, "fit", iteration))
+                    episodes = fit_episode_count(episodes, recipe.train.episodes_per_iteration, rng)
                 t1 = time.perf_counter()
                 t_estimate = t1 - t0 - t_sample
                 update = ppo_update(
@@ -267,12 +319,13 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
                     loss=recipe.loss, train=recipe.train, max_grad_norm=optim.max_grad_norm,
                     temperature=recipe.sampling.temperature, runtime=runtime, pad_id=tokenizer.pad_token_id,
                     rng=random.Random(derive_seed(seed, "shuffle", iteration)), ref_model=ref_model,
+                    critic=critic,
                 )  # fmt: skip
                 t_opt = time.perf_counter() - t1
-                tokens = sum(len(ep.response_token_ids) for ep in episodes)
+                tokens = sample_stats.get("tree/generated_tokens", sum(len(ep.response_token_ids) for ep in sampled))
                 record: dict[str, Any] = {
                     "iteration": iteration,
-                    **rollout_metrics(episodes),
+                    **rollout_metrics(sampled),
                     **update,
                     **sample_stats,
                     **estimate_stats,
@@ -286,7 +339,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
                 if recipe.logging.save_episodes:
                     write_episodes(run_dir / "episodes" / f"iter_{iteration:06d}.jsonl", episodes)
                 show = iteration == start or iteration % recipe.train.save_steps == 0
-                _log_completions(run_dir, episodes, recipe.logging.log_completions, iteration, console, show)
+                graded = [ep for ep in sampled if ep.reward is not None]
+                _log_completions(run_dir, graded, recipe.logging.log_completions, iteration, console, show)
                 if recipe.eval.eval_steps and iteration % recipe.eval.eval_steps == 0 and iteration < recipe.train.iterations:
                     record.update(run_eval(f"iter_{iteration:06d}", iteration))
                 metrics_log.log(record)
@@ -297,6 +351,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
                         run_dir, iteration, model, tokenizer, optimizer, scheduler,
                         {"data_position": iteration * recipe.sampling.prompts_per_iteration, "seed": seed},
                         keep=recipe.train.save_total_limit,
+                        json_files={"replay": replay.state_dict()} if replay is not None else None,
+                        write_extra=_critic_writer(critic),
                     )  # fmt: skip
         after = None
         if recipe.eval.after_training and eval_problems:
@@ -319,6 +375,51 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
                     f"after RL {after[f'eval/{key}']:.3f}[/]"
                 )
     return summary
+
+
+def _critic(recipe: Recipe, policy_model, tokenizer, ckpt: Path | None, runtime):
+    """The value network of a gae run: restored from the checkpoint when resuming, else built from the
+    policy RL starts from (after the warm start). None for estimators without a critic."""
+    from spo_cli.critic import CRITIC_DIR, build_critic, load_critic
+    from spo_cli.recipe import Gae
+
+    spec = recipe.estimator
+    if not isinstance(spec, Gae):
+        return None
+    if ckpt is not None:
+        if not (ckpt / CRITIC_DIR).is_dir():
+            raise SpoUserError(f"--resume: checkpoint {ckpt} has no {CRITIC_DIR}/: it was not written by a gae run")
+        critic = load_critic(ckpt / CRITIC_DIR, spec.critic, recipe.optim, device=runtime.device)
+    else:
+        critic = build_critic(
+            policy_model, spec.critic, recipe.optim, vocab_size=len(tokenizer), seed=recipe.run.seed, device=runtime.device
+        )
+    if recipe.hardware.gradient_checkpointing:
+        critic.model.backbone.gradient_checkpointing_enable()
+    return critic
+
+
+def _critic_values(critic, recipe: Recipe, tokenizer, runtime):
+    from spo_cli.critic import episode_values
+
+    if critic is None:
+        return None
+    return episode_values(
+        critic.model,
+        pad_id=tokenizer.pad_token_id,
+        batch_size=recipe.train.per_device_train_batch_size,
+        device=runtime.device,
+        autocast=runtime.autocast,
+    )
+
+
+def _critic_writer(critic):
+    """What `save_checkpoint` calls to put the critic into a checkpoint (None: nothing to write)."""
+    if critic is None:
+        return None
+    from spo_cli.critic import CRITIC_DIR, save_critic
+
+    return lambda checkpoint_dir: save_critic(critic, checkpoint_dir / CRITIC_DIR)
 
 
 def _max_context(model) -> int | None:
@@ -357,6 +458,8 @@ def _log_completions(
     if n <= 0:
         return
     shown = episodes[:n]
+    if not shown:
+        return
     with (run_dir / "completions.jsonl").open("a", encoding="utf-8") as fh:
         for ep in shown:
             row = {"iteration": iteration, "prompt": ep.prompt, "completion": ep.response, "reward": ep.reward}

@@ -1,7 +1,8 @@
 """Estimate stage: fill segment advantages. `estimate_advantages` maps `estimator.kind` to code.
 
 Kept free of torch imports: estimators that need a policy (Monte Carlo rollouts) receive it as a
-callable built by the caller (`spo_cli.estimate.rollout`).
+callable built by the caller (`spo_cli.estimate.rollout`); likewise the critic's values for gae
+(`spo_cli.critic`).
 """
 
 from __future__ import annotations
@@ -10,34 +11,56 @@ from collections.abc import Sequence
 
 from spo_cli.episode import Episode, Segment
 from spo_cli.estimate.chain import chain_segment_advantages, chain_token_advantages
+from spo_cli.estimate.gae import CriticValues, estimate_gae, gae_advantages
 from spo_cli.estimate.group import group_advantages
 from spo_cli.estimate.mc_chain import StateValues, ValueState, estimate_mc_chain
-from spo_cli.recipe import EstimatorSpec, Group, McChain
+from spo_cli.estimate.mc_tree import estimate_mc_tree
+from spo_cli.estimate.tree import tree_edge_advantages, tree_values
+from spo_cli.estimate.vineppo import estimate_vineppo, vineppo_step_advantages
+from spo_cli.recipe import EstimatorSpec, Gae, Group, McChain, McTree, Vineppo
 
 __all__ = [
+    "CriticValues",
     "StateValues",
     "ValueState",
     "chain_segment_advantages",
     "chain_token_advantages",
     "estimate_advantages",
+    "gae_advantages",
     "group_advantages",
+    "needs_critic",
     "needs_policy",
+    "tree_edge_advantages",
+    "tree_values",
+    "vineppo_step_advantages",
 ]
 
 
 def needs_policy(spec: EstimatorSpec) -> bool:
-    """Whether the estimator samples from the policy (and so needs `state_values`)."""
-    return isinstance(spec, McChain)
+    """Whether the estimator samples rollouts from the policy (and so needs `state_values`).
+
+    mc_tree samples too, but its sampling is the tree expansion that produces the episodes it reads.
+    """
+    return isinstance(spec, (McChain, Vineppo))
+
+
+def needs_critic(spec: EstimatorSpec) -> bool:
+    """Whether the estimator reads a value network's estimates (and so needs `critic_values`)."""
+    return isinstance(spec, Gae)
 
 
 def estimate_advantages(
-    episodes: Sequence[Episode], spec: EstimatorSpec, state_values: StateValues | None = None
+    episodes: Sequence[Episode],
+    spec: EstimatorSpec,
+    state_values: StateValues | None = None,
+    critic_values: CriticValues | None = None,
 ) -> tuple[list[Episode], dict[str, float]]:
     """Copies of partitioned `episodes` whose segments carry advantages, and the estimator's metrics."""
     for ep in episodes:
         if ep.segments is None:
             raise ValueError(f"episode {ep.id} has no segments: run the partition stage first")
-        if ep.reward is None:
+        # Tree episodes are nodes: only leaves have a reward.
+        if ep.reward is None and not isinstance(spec, McTree):
             raise ValueError(f"episode {ep.id} has no reward")
     match spec:
         case Group():
@@ -52,6 +75,19 @@ def estimate_advantages(
             if missing is not None:
                 raise ValueError(f"episode {missing} has no gold answer: mc_chain grades its rollouts against it")
             return estimate_mc_chain(episodes, state_values, spec.zero_advantage_above)
+        case Vineppo():
+            if state_values is None:
+                raise ValueError("estimator.kind=vineppo samples continuations: it needs the policy")
+            missing = next((ep.id for ep in episodes if ep.gold is None), None)
+            if missing is not None:
+                raise ValueError(f"episode {missing} has no gold answer: vineppo grades its rollouts against it")
+            return estimate_vineppo(episodes, state_values, spec.max_estimated_steps)
+        case McTree():
+            return estimate_mc_tree(episodes, spec.normalize_std, spec.eps)
+        case Gae():
+            if critic_values is None:
+                raise ValueError("estimator.kind=gae reads a value network's estimates: it needs the critic")
+            return estimate_gae(episodes, critic_values(episodes), spec.gamma, spec.lam)
     raise AssertionError(f"unhandled estimator kind {spec.kind!r}")
 
 

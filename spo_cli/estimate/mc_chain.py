@@ -40,25 +40,33 @@ def boundary_states(episode: Episode) -> tuple[list[int], list[ValueState]]:
     return boundaries, states
 
 
-def estimate_mc_chain(
-    episodes: Sequence[Episode], state_values: StateValues, zero_advantage_above: float | None
-) -> tuple[list[Episode], dict[str, float]]:
-    """Copies of partitioned `episodes` with chain advantages, and counts of the work done.
+def value_states(
+    per_episode: Sequence[Sequence[ValueState]], state_values: StateValues
+) -> tuple[dict[ValueState, float], int]:
+    """The value of every distinct state (and how many there were), one `state_values` call per iteration.
 
-    Every distinct state is valued once (states repeat: the prompt state of a group's responses,
-    responses that share a prefix); states are sent to `state_values` in first-appearance order, so
-    the same episodes always give the same rollouts for the same seed.
+    States repeat (the prompt state of a group's responses, responses that share a prefix) and are valued
+    once; they are sent in first-appearance order, so the same episodes always get the same rollouts for
+    the same seed.
     """
-    per_episode = [boundary_states(ep) for ep in episodes]
     unique: dict[ValueState, None] = {}
-    for _, states in per_episode:
+    for states in per_episode:
         unique.update(dict.fromkeys(states))
-    values: dict[ValueState, float] = {}
     by_iteration: dict[int, list[ValueState]] = {}
     for state in unique:
         by_iteration.setdefault(state.iteration, []).append(state)
+    values: dict[ValueState, float] = {}
     for iteration, states in by_iteration.items():
         values.update(zip(states, state_values(states, iteration)))
+    return values, len(unique)
+
+
+def estimate_mc_chain(
+    episodes: Sequence[Episode], state_values: StateValues, zero_advantage_above: float | None
+) -> tuple[list[Episode], dict[str, float]]:
+    """Copies of partitioned `episodes` with chain advantages, and counts of the work done."""
+    per_episode = [boundary_states(ep) for ep in episodes]
+    values, unique = value_states([states for _, states in per_episode], state_values)
 
     out = []
     for ep, (boundaries, states) in zip(episodes, per_episode):
@@ -79,4 +87,4 @@ def estimate_mc_chain(
         tokens = chain_token_advantages(logprobs, boundaries, state_value, ep.reward, rho=zero_advantage_above)
         out.append(ep.model_copy(update={"segments": segments, "token_advantages": tokens}))
     total = sum(len(states) for _, states in per_episode)
-    return out, {"mc/states": float(total), "mc/unique_states": float(len(unique))}
+    return out, {"mc/states": float(total), "mc/unique_states": float(unique)}

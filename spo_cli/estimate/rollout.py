@@ -1,4 +1,4 @@
-"""Monte Carlo state values by sampling continuations with the live policy (the I/O side of `mc_chain`)."""
+"""Monte Carlo state values by sampling continuations with the live policy (the I/O side of `mc_chain`, `vineppo`)."""
 
 from __future__ import annotations
 
@@ -23,22 +23,16 @@ class MonteCarloValues:
     sampler: Sampler
     tokenizer: object
     task: Task
-    params: SamplingParams
+    params: SamplingParams  # params.max_total_tokens (the context) caps each rollout: min(budget, context - state)
     unfinished_penalty: float
     run_seed: int
-    max_context: int | None = None  # the model's longest sequence; rollouts never run past it
+    seed_label: str = "mc_chain"  # the estimator kind: each kind draws its own rollout stream
 
     def __call__(self, states: Sequence[ValueState], iteration: int) -> list[float]:
         if not states:
             return []
         inputs = [list(s.prompt_token_ids) + list(s.prefix_token_ids) for s in states]
-        params = self.params
-        if self.max_context is not None:
-            longest = max(len(x) for x in inputs)
-            if longest >= self.max_context:
-                raise ValueError(f"a rollout state has {longest} tokens; the model's context is {self.max_context}")
-            params = replace(params, max_new_tokens=min(params.max_new_tokens, self.max_context - longest))
-        groups = self.sampler.generate_ids(inputs, params, seed=derive_seed(self.run_seed, "mc_chain", iteration))
+        groups = self.sampler.generate_ids(inputs, self.params, seed=derive_seed(self.run_seed, self.seed_label, iteration))
         texts, golds, reasons, owner = [], [], [], []
         for k, (state, group) in enumerate(zip(states, groups)):
             prefix = self.tokenizer.decode(list(state.prefix_token_ids), skip_special_tokens=True)
@@ -56,18 +50,23 @@ class MonteCarloValues:
         return [t / c if c else 0.0 for t, c in zip(totals, counts)]
 
 
-def build_state_values(recipe, sampler: Sampler, tokenizer, task: Task, max_context: int | None) -> MonteCarloValues | None:
-    """The recipe's Monte Carlo value callable, or None when its estimator samples nothing."""
-    from spo_cli.recipe import McChain
+def build_state_values(
+    recipe, sampler: Sampler, tokenizer, task: Task, max_context: int | None
+) -> MonteCarloValues | None:
+    """The recipe's Monte Carlo value callable, or None when its estimator samples no rollouts.
+
+    `max_context` is the model's context, used unless the recipe sets sampling.max_context_length.
+    """
+    from spo_cli.recipe import McChain, Vineppo
     from spo_cli.sample import sampling_params
 
     spec = recipe.estimator
-    if not isinstance(spec, McChain):
+    if not isinstance(spec, (McChain, Vineppo)):
         return None
     params = replace(
-        sampling_params(recipe.sampling, task.stop),
+        sampling_params(recipe.sampling, task.stop, max_context),
         n=spec.rollouts,
         max_new_tokens=spec.max_new_tokens or recipe.sampling.max_completion_length,
         logprobs=False,
     )
-    return MonteCarloValues(sampler, tokenizer, task, params, spec.unfinished_penalty, recipe.run.seed, max_context)
+    return MonteCarloValues(sampler, tokenizer, task, params, spec.unfinished_penalty, recipe.run.seed, spec.kind)

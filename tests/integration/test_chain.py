@@ -91,3 +91,34 @@ def test_partition_scores_episodes_without_logprobs(tmp_path):
         assert len(a.response_logprobs) == len(b.response_logprobs)
         assert all(abs(x - y) < 1e-3 for x, y in zip(a.response_logprobs, b.response_logprobs))
         assert a.segments is not None and a.segments[-1].end == len(a.response_token_ids)
+
+
+def test_vineppo_in_the_loop_and_standalone(tmp_path):
+    from spo_cli.train import train
+
+    data = tiny_recipe_dict(tmp_path, **CHAIN)
+    data["partitioner"] = {"kind": "step"}
+    data["estimator"] = {"kind": "vineppo", "rollouts": 3}
+    data["loss"] = {"use_prob_mask": False}
+    train(parse_recipe(data), console=Console(file=open(os.devnull, "w")))
+    run = tmp_path / "run"
+    in_loop = read_episodes(run / "episodes" / "iter_000001.jsonl")
+    metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    # Every step start is a state (the prompt and after each step, all within the default cap of 25).
+    assert metrics["mc/states"] == sum(len(ep.segments) for ep in in_loop)
+    for ep in in_loop:
+        steps = ep.segments
+        for this, nxt in zip(steps, steps[1:]):
+            assert this.advantage == nxt.value - this.value
+        assert steps[-1].advantage == ep.reward - steps[-1].value
+    assert any(s.advantage != 0 for ep in in_loop for s in ep.segments)
+
+    bare = [ep.model_copy(update={"segments": [s.model_copy(update={"advantage": None, "value": None}) for s in ep.segments]}) for ep in in_loop]
+    write_episodes(tmp_path / "parted.jsonl", bare)
+    recipe_file = write_recipe(tmp_path / "recipe.yaml", data)
+    out = spo(
+        "estimate-values", str(recipe_file), "--in", str(tmp_path / "parted.jsonl"),
+        "--out", str(tmp_path / "estimated.jsonl"), "--policy", str(run / "warm_start"),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert [ep.segments for ep in read_episodes(tmp_path / "estimated.jsonl")] == [ep.segments for ep in in_loop]
