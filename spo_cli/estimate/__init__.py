@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from spo_cli.episode import Episode, Segment
+from spo_cli.episode import Episode
 from spo_cli.estimate.chain import chain_segment_advantages, chain_token_advantages
 from spo_cli.estimate.gae import CriticValues, estimate_gae, gae_advantages
 from spo_cli.estimate.group import group_advantages
