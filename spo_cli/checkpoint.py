@@ -13,7 +13,7 @@ import json
 import random
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +52,12 @@ def save_checkpoint(
     scheduler,
     trainer_state: dict[str, Any],
     keep: int | None,
-    json_files: dict[str, Any] | None = None,
-    write_extra: Callable[[Path], None] | None = None,
+    extra_writers: Sequence[Callable[[Path], None]] = (),
 ) -> Path:
-    """Write checkpoint `iteration` atomically; `json_files` are extra states saved as <name>.json in it.
+    """Write checkpoint `iteration` atomically.
 
-    `write_extra(staging_dir)` writes more state (a critic) into the checkpoint before it is published.
+    Each of `extra_writers` is called with the unpublished checkpoint directory to add more state (a
+    critic, a replay buffer), so that state is published atomically with the rest.
     """
     root = checkpoint_root(run_dir)
     name = f"iter_{iteration:06d}"
@@ -69,10 +69,8 @@ def save_checkpoint(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
         staging / "optimizer.pt",
     )
-    for stem, obj in (json_files or {}).items():
-        (staging / f"{stem}.json").write_text(json.dumps(obj))
-    if write_extra is not None:
-        write_extra(staging)
+    for write in extra_writers:
+        write(staging)
     (staging / "trainer_state.json").write_text(json.dumps({**trainer_state, "iteration": iteration}, indent=2))
     final = root / name
     publish_dir(staging, final)
@@ -112,12 +110,6 @@ def load_optimizer_state(checkpoint: Path, optimizer, scheduler) -> None:
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
-
-
-def read_checkpoint_json(checkpoint: Path, name: str) -> Any:
-    """An extra state saved with `json_files`; None when the checkpoint has none."""
-    path = checkpoint / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def save_json(path: Path, obj: Any) -> None:

@@ -7,6 +7,9 @@
 | estimate  | segments, reward, group_id    | segment advantages, token_advantages     |
 | optimize  | token ids, segments           | (a checkpoint and metrics)               |
 
+SPO-tree's sampling writes one episode per tree node (prompt = the parent's text, response = the node's
+segment, `metadata["tree"]` its place in the tree); its estimate stage keeps the edges to train on.
+
 Token indices in `segments` are response-token indices, half-open, and together cover the response.
 """
 
@@ -129,30 +132,35 @@ def token_advantages(episode: Episode) -> list[float]:
 # ----------------------------------------------------------------------------------------------- JSONL
 
 
-def iter_episodes(path: str | Path) -> Iterator[Episode]:
-    """Read episodes from a JSONL file; a malformed line raises SpoUserError naming file and line."""
+def iter_jsonl(path: str | Path, what: str = "file") -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of every non-blank line; a missing file or bad JSON raises SpoUserError."""
     path = Path(path)
     if not path.is_file():
-        raise SpoUserError(f"episode file not found: {path}")
+        raise SpoUserError(f"{what} not found: {path}")
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                raw = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise SpoUserError(f"{path}:{lineno}: not valid JSON: {exc.msg} (column {exc.colno})") from None
-            if isinstance(raw, dict) and raw.get("schema_version", SCHEMA_VERSION) not in READABLE_VERSIONS:
-                raise SpoUserError(
-                    f"{path}:{lineno}: episode schema_version {raw.get('schema_version')!r}; "
-                    f"this spo reads versions {', '.join(map(str, READABLE_VERSIONS))}"
-                )
-            try:
-                yield Episode.model_validate(raw)
-            except ValidationError as exc:
-                err = exc.errors()[0]
-                field = ".".join(str(p) for p in err["loc"]) or "(record)"
-                raise SpoUserError(f"{path}:{lineno}: bad episode: {field}: {err['msg']}") from None
+
+
+def iter_episodes(path: str | Path) -> Iterator[Episode]:
+    """Read episodes from a JSONL file; a malformed line raises SpoUserError naming file and line."""
+    for lineno, raw in iter_jsonl(path, "episode file"):
+        if isinstance(raw, dict) and raw.get("schema_version", SCHEMA_VERSION) not in READABLE_VERSIONS:
+            raise SpoUserError(
+                f"{path}:{lineno}: episode schema_version {raw.get('schema_version')!r}; "
+                f"this spo reads versions {', '.join(map(str, READABLE_VERSIONS))}"
+            )
+        try:
+            yield Episode.model_validate(raw)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(p) for p in err["loc"]) or "(record)"
+            raise SpoUserError(f"{path}:{lineno}: bad episode: {field}: {err['msg']}") from None
 
 
 def read_episodes(path: str | Path) -> list[Episode]:

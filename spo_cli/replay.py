@@ -6,13 +6,16 @@ checkpoint (`state_dict`), so a resumed run trains on exactly the edges an unint
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from spo_cli.episode import Episode
 
 T = TypeVar("T")
+REPLAY_FILE = "replay.json"
 
 
 def fit_episode_count(items: Sequence[T], count: int, rng: random.Random) -> list[T]:
@@ -75,3 +78,12 @@ class EdgeReplayBuffer:
 
     def load_state_dict(self, state: Sequence[dict[str, Any]]) -> None:
         self.entries = [(int(row["added"]), Episode.model_validate(row["episode"])) for row in state]
+
+    def save(self, checkpoint_dir: Path) -> None:
+        """Write the buffer into a checkpoint directory (before the checkpoint is published)."""
+        (checkpoint_dir / REPLAY_FILE).write_text(json.dumps(self.state_dict()))
+
+    def load(self, checkpoint_dir: Path) -> None:
+        """Restore the buffer a checkpoint holds (an empty one if the checkpoint has none)."""
+        path = checkpoint_dir / REPLAY_FILE
+        self.load_state_dict(json.loads(path.read_text()) if path.is_file() else [])

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from spo_cli.episode import Episode, read_episodes, write_episodes
+from spo_cli.episode import Episode, iter_jsonl, read_episodes, write_episodes
 from spo_cli.errors import SpoUserError
 from spo_cli.recipe import Entropy, McTree, Recipe, Step, Whole
 
@@ -158,43 +158,24 @@ def _score(episodes: list[Episode], indices: list[int], model, tokenizer, recipe
 
 def is_prompt_file(path: Path) -> bool:
     """Whether a JSONL file holds prompts (rows without `response_token_ids`) rather than episodes."""
-    import json
-
-    if not path.is_file():
-        raise SpoUserError(f"input file not found: {path}")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise SpoUserError(f"{path}:{lineno}: not valid JSON: {exc.msg} (column {exc.colno})") from None
-                return isinstance(row, dict) and "response_token_ids" not in row
+    for _, row in iter_jsonl(path, "input file"):
+        return isinstance(row, dict) and "response_token_ids" not in row
     raise SpoUserError(f"{path}: the file is empty")
 
 
 def read_prompt_file(path: Path) -> list[dict[str, str]]:
     """Rows {"id"?, "question" or "prompt", "gold"}: a question is formatted with the recipe's task template
     (and chat template), a prompt is used as it is."""
-    import json
-
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SpoUserError(f"{path}:{lineno}: not valid JSON: {exc.msg} (column {exc.colno})") from None
-            if not isinstance(row, dict) or ("question" in row) == ("prompt" in row):
-                raise SpoUserError(f"{path}:{lineno}: a prompt row needs exactly one of `question` and `prompt`")
-            for key in ("question", "prompt", "gold", "id"):
-                if key in row and not isinstance(row[key], str):
-                    raise SpoUserError(f"{path}:{lineno}: `{key}` must be a string")
-            if "gold" not in row:
-                raise SpoUserError(f"{path}:{lineno}: missing `gold` (the reference answer the leaves are graded against)")
-            rows.append({"id": row.get("id", f"p{len(rows)}"), **row})
+    for lineno, row in iter_jsonl(path, "prompt file"):
+        if not isinstance(row, dict) or ("question" in row) == ("prompt" in row):
+            raise SpoUserError(f"{path}:{lineno}: a prompt row needs exactly one of `question` and `prompt`")
+        for key in ("question", "prompt", "gold", "id"):
+            if key in row and not isinstance(row[key], str):
+                raise SpoUserError(f"{path}:{lineno}: `{key}` must be a string")
+        if "gold" not in row:
+            raise SpoUserError(f"{path}:{lineno}: missing `gold` (the reference answer the leaves are graded against)")
+        rows.append({"id": row.get("id", f"p{len(rows)}"), **row})
     if not rows:
         raise SpoUserError(f"{path}: no prompts")
     return rows
@@ -209,7 +190,7 @@ def grow_trees_file(
     prompts in the same order and the same policy give the same edges.
     """
     from spo_cli.estimate import estimate_advantages
-    from spo_cli.estimate.mc_tree import TreeRoot, expand_trees
+    from spo_cli.estimate.mc_tree import grow_trees
     from spo_cli.partition import partition_episodes
     from spo_cli.sample import build_sampler, sampling_params
     from spo_cli.tasks import apply_template, build_task
@@ -224,17 +205,13 @@ def grow_trees_file(
             for row in rows
         ]
         sampler = build_sampler(recipe.sampling, model, tokenizer, runtime)
-        roots = [
-            TreeRoot(f"it{iteration}-{row['id']}", row["id"], prompt, tuple(ids), row["gold"])
-            for row, prompt, ids in zip(rows, prompts, sampler.encode_prompts(prompts))
-        ]
         params = sampling_params(recipe.sampling, task.stop, getattr(model.config, "max_position_embeddings", None))
         spec = recipe.estimator
-        log(f"growing {len(roots)} trees ({'-'.join(map(str, spec.branching))}) with {policy_dir or 'the recipe model'}")
-        nodes, grow_stats = expand_trees(
-            roots, sampler, tokenizer, task, branching=spec.branching, segment_tokens=spec.segment_tokens,
-            params=params, seed=recipe.run.seed, iteration=iteration,
-        )  # fmt: skip
+        log(f"growing {len(rows)} trees ({'-'.join(map(str, spec.branching))}) with {policy_dir or 'the recipe model'}")
+        questions = [(row["id"], prompt, row["gold"]) for row, prompt in zip(rows, prompts)]
+        nodes, grow_stats = grow_trees(
+            questions, sampler, tokenizer, task, spec, params, seed=recipe.run.seed, iteration=iteration
+        )
         edges, stats = estimate_advantages(partition_episodes(nodes, Whole(), tokenizer), spec)
     except ValueError as exc:
         raise SpoUserError(f"{input_path}: {exc}") from None

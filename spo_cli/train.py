@@ -22,7 +22,6 @@ from rich.console import Console
 from spo_cli.checkpoint import (
     latest_checkpoint,
     load_optimizer_state,
-    read_checkpoint_json,
     read_trainer_state,
     save_checkpoint,
     save_json,
@@ -156,18 +155,13 @@ def sample_trees(
     sampler, tokenizer, task: Task, recipe: Recipe, iteration: int, params
 ) -> tuple[list[Episode], dict[str, float]]:
     """SPO-tree's sampling: one tree per prompt; returns its node episodes."""
-    from spo_cli.estimate.mc_tree import TreeRoot, expand_trees
+    from spo_cli.estimate.mc_tree import grow_trees
 
-    spec = recipe.estimator
     problems, prompts = training_prompts(sampler, tokenizer, task, recipe, iteration)
-    roots = [
-        TreeRoot(f"it{iteration}-{p.id}", p.id, prompt, tuple(ids), p.gold)
-        for p, prompt, ids in zip(problems, prompts, sampler.encode_prompts(prompts))
-    ]
-    episodes, stats = expand_trees(
-        roots, sampler, tokenizer, task, branching=spec.branching, segment_tokens=spec.segment_tokens,
-        params=params, seed=recipe.run.seed, iteration=iteration,
-    )  # fmt: skip
+    questions = [(p.id, prompt, p.gold) for p, prompt in zip(problems, prompts)]
+    episodes, stats = grow_trees(
+        questions, sampler, tokenizer, task, recipe.estimator, params, seed=recipe.run.seed, iteration=iteration
+    )
     return episodes, {"num_prompts": float(len(problems)), **stats}
 
 
@@ -268,7 +262,9 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
         tree = recipe.estimator if isinstance(recipe.estimator, McTree) else None
         replay = EdgeReplayBuffer(tree.replay.max_age, tree.replay.edges_per_question) if tree and tree.replay else None
         if replay is not None and ckpt is not None:
-            replay.load_state_dict(read_checkpoint_json(ckpt, "replay") or [])
+            replay.load(ckpt)
+        # State beyond the policy's that each checkpoint must hold for an exact resume.
+        extra_writers = [w for w in (_critic_writer(critic), replay.save if replay is not None else None) if w]
         # Resuming drops the records of iterations after the checkpoint: they are about to be redone.
         metrics_log = MetricsLog(run_dir, recipe.logging.tensorboard, resume_iteration=start - 1 if resume else None)
         cleanup.callback(metrics_log.close)
@@ -351,8 +347,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
                         run_dir, iteration, model, tokenizer, optimizer, scheduler,
                         {"data_position": iteration * recipe.sampling.prompts_per_iteration, "seed": seed},
                         keep=recipe.train.save_total_limit,
-                        json_files={"replay": replay.state_dict()} if replay is not None else None,
-                        write_extra=_critic_writer(critic),
+                        extra_writers=extra_writers,
                     )  # fmt: skip
         after = None
         if recipe.eval.after_training and eval_problems:

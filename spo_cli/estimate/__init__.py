@@ -55,7 +55,11 @@ def estimate_advantages(
     state_values: StateValues | None = None,
     critic_values: CriticValues | None = None,
 ) -> tuple[list[Episode], dict[str, float]]:
-    """Copies of partitioned `episodes` whose segments carry advantages, and the estimator's metrics."""
+    """Copies of partitioned `episodes` whose segments carry advantages, and the estimator's metrics.
+
+    mc_tree reads the node episodes of whole trees and returns only its training episodes: the edges with a
+    non-zero advantage.
+    """
     for ep in episodes:
         if ep.segments is None:
             raise ValueError(f"episode {ep.id} has no segments: run the partition stage first")
@@ -69,18 +73,10 @@ def estimate_advantages(
             )
             return [_with_constant_advantage(ep, a) for ep, a in zip(episodes, adv)], {}
         case McChain():
-            if state_values is None:
-                raise ValueError("estimator.kind=mc_chain samples continuations: it needs the policy")
-            missing = next((ep.id for ep in episodes if ep.gold is None), None)
-            if missing is not None:
-                raise ValueError(f"episode {missing} has no gold answer: mc_chain grades its rollouts against it")
+            _check_rollouts(episodes, spec.kind, state_values)
             return estimate_mc_chain(episodes, state_values, spec.zero_advantage_above)
         case Vineppo():
-            if state_values is None:
-                raise ValueError("estimator.kind=vineppo samples continuations: it needs the policy")
-            missing = next((ep.id for ep in episodes if ep.gold is None), None)
-            if missing is not None:
-                raise ValueError(f"episode {missing} has no gold answer: vineppo grades its rollouts against it")
+            _check_rollouts(episodes, spec.kind, state_values)
             return estimate_vineppo(episodes, state_values, spec.max_estimated_steps)
         case McTree():
             return estimate_mc_tree(episodes, spec.normalize_std, spec.eps)
@@ -89,6 +85,15 @@ def estimate_advantages(
                 raise ValueError("estimator.kind=gae reads a value network's estimates: it needs the critic")
             return estimate_gae(episodes, critic_values(episodes), spec.gamma, spec.lam)
     raise AssertionError(f"unhandled estimator kind {spec.kind!r}")
+
+
+def _check_rollouts(episodes: Sequence[Episode], kind: str, state_values: StateValues | None) -> None:
+    """Monte Carlo estimators sample continuations with the policy and grade them against the gold answer."""
+    if state_values is None:
+        raise ValueError(f"estimator.kind={kind} samples continuations: it needs the policy")
+    missing = next((ep.id for ep in episodes if ep.gold is None), None)
+    if missing is not None:
+        raise ValueError(f"episode {missing} has no gold answer: {kind} grades its rollouts against it")
 
 
 def _with_constant_advantage(ep: Episode, advantage: float) -> Episode:

@@ -19,6 +19,7 @@ from typing import Any
 
 from spo_cli.episode import Episode
 from spo_cli.estimate.tree import tree_edge_advantages, tree_values
+from spo_cli.recipe import McTree
 from spo_cli.sample import Sampler, SamplingParams
 from spo_cli.tasks import Task, derive_seed
 
@@ -63,6 +64,30 @@ def level_budget(depth: int, branching: Sequence[int], segment_tokens: int, last
     return last_level_tokens if depth == len(branching) - 1 else segment_tokens
 
 
+def grow_trees(
+    questions: Sequence[tuple[str, str, str | None]],
+    sampler: Sampler,
+    tokenizer,
+    task: Task,
+    spec: McTree,
+    params: SamplingParams,
+    *,
+    seed: int,
+    iteration: int,
+) -> tuple[list[Episode], dict[str, float]]:
+    """One tree per (question id, formatted prompt, gold) with the recipe's tree settings: `expand_trees`
+    on roots whose tree ids are `it<iteration>-<question id>` (as the training loop names its groups)."""
+    prompt_ids = sampler.encode_prompts([prompt for _, prompt, _ in questions])
+    roots = [
+        TreeRoot(f"it{iteration}-{qid}", qid, prompt, tuple(ids), gold)
+        for (qid, prompt, gold), ids in zip(questions, prompt_ids)
+    ]
+    return expand_trees(
+        roots, sampler, tokenizer, task, branching=spec.branching, segment_tokens=spec.segment_tokens,
+        params=params, seed=seed, iteration=iteration,
+    )  # fmt: skip
+
+
 def expand_trees(
     roots: Sequence[TreeRoot],
     sampler: Sampler,
@@ -94,7 +119,8 @@ def expand_trees(
         expandable = []
         for node in frontier:
             room = None if params.max_total_tokens is None else params.max_total_tokens - len(node.prefix_ids)
-            if room is not None and room < 1:
+            # A root without room is an over-long prompt: the sampler refuses it with a clear error.
+            if room is not None and room < 1 and node.node != ROOT:
                 _make_truncated_leaf(node)
             else:
                 expandable.append(node)

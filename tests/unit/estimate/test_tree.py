@@ -195,6 +195,9 @@ def test_expansion_respects_the_context(tokenizer, task):
     assert len(nodes["0.0"].prompt_token_ids) + len(nodes["0.0"].response_token_ids) == 12
     # With no room left, "0.0" is not expanded: it is a leaf graded on its own segment, like a cut last level.
     assert set(nodes) == {"0", "0.0"} and nodes["0.0"].metadata["tree"]["leaf"] and nodes["0.0"].reward == 0.0
+    # A prompt that fills the context is refused, not turned into an empty tree.
+    with pytest.raises(ValueError, match="no room"):
+        run_tree(tokenizer, task, script, [1, 1], context=2)
 
 
 def test_identical_siblings_are_expanded_once(tokenizer, task):
