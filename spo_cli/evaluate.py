@@ -38,7 +38,11 @@ def evaluate_policy(
             (
                 "sampled",
                 SamplingParams(
-                    n=spec.num_samples, temperature=spec.temperature, top_p=spec.top_p, max_new_tokens=max_new_tokens
+                    n=spec.num_samples,
+                    temperature=spec.temperature,
+                    top_p=spec.top_p,
+                    top_k=spec.top_k,
+                    max_new_tokens=max_new_tokens,
                 ),
             )
         )

@@ -122,6 +122,12 @@ class Arith(Section):
     penalize_truncated: bool = Field(
         False, description="Reward 0 for a response cut by max_completion_length, whatever its text says."
     )
+    train_pool_size: int | None = Field(
+        None,
+        ge=1,
+        description="Train on a fixed pool of this many distinct problems (drawn once from run.seed) instead of fresh "
+        "ones every iteration. estimator.kind=single_stream needs it: it tracks a value per training prompt.",
+    )
 
     @model_validator(mode="after")
     def _ranges(self) -> Arith:
@@ -419,7 +425,103 @@ class Gae(Section):
     critic: Critic = Field(default_factory=Critic, description="The value network.")
 
 
-EstimatorSpec = kind_union(Group, McChain, Vineppo, McTree, Gae, default="group")
+class PromptSampling(Section):
+    """Single-stream SPO's prioritised prompt sampling: weight sqrt(v(1 - v)) + epsilon, drawn without replacement."""
+
+    epsilon: float = Field(0.05, ge=0, description="Added to every weight so solved and unsolved prompts stay reachable.")
+    weights: Literal["mean", "thompson"] = Field(
+        "mean",
+        description="mean: v is the tracker's posterior mean (the paper and its code); thompson: v ~ Beta(alpha, beta) "
+        "drawn per prompt and iteration (an extension, not in the paper).",
+    )
+    pool_size: int | None = Field(
+        None,
+        ge=1,
+        description="Draw from a pool of this many prompts per iteration, the next chunk of the seeded epoch shuffle "
+        "(the reference's gen_batch_size); default: the whole training set.",
+    )
+
+
+class SingleStream(Section):
+    """Single-stream SPO: one response per prompt, baseline = a per-prompt Beta tracker with KL-adaptive forgetting,
+    advantages normalised over the whole batch."""
+
+    kind: Literal["single_stream"] = "single_stream"
+    offline_values: str | None = Field(
+        None,
+        description="JSON {prompt: [scores]} written by `spo estimate-values RECIPE --offline` (or the reference's "
+        "merge script); default: estimated at the start of training with the warm-started policy into "
+        "<run_dir>/offline_values.json.",
+    )
+    offline_samples: int = Field(
+        8,
+        ge=0,
+        description="n0: responses per prompt of the offline estimate, and the count the jeffreys init divides by "
+        "(the reference's offline_N). 0 starts every prompt at Beta(0.5, 0.5) without an offline pass.",
+    )
+    init: Literal["jeffreys", "mean"] = Field(
+        "jeffreys",
+        description="v0 = (s + 0.5) / (n0 + 1) (the reference code) or s / n (the paper); alpha0 = N0 v0, "
+        "beta0 = N0 (1 - v0) with N0 = 1 / (1 - rho_min).",
+    )
+    binarize_above: float = Field(
+        0.0, description="An offline score counts as a success when it is strictly above this (the reference: 0)."
+    )
+    rho_mode: Literal["kl", "constant"] = Field(
+        "kl", description="kl: rho = clamp(2^(-D / d_half), rho_min, rho_max); constant: rho = rho_max, no extra passes."
+    )
+    rho_min: float = Field(0.875, gt=0, lt=1, description="Lower bound of the forgetting factor (also sets N0).")
+    rho_max: float = Field(0.96, gt=0, le=1, description="Upper bound of the forgetting factor (and the constant rho).")
+    d_half: float = Field(0.06, gt=0, description="Policy distance D at which rho halves (the reference's hard-coded 0.06).")
+    kl_estimator: Literal["abs_logratio_mean", "k1", "k3"] = Field(
+        "abs_logratio_mean",
+        description="D over the prompt's previous response: mean |log pi_then - log pi_now| (the reference), mean "
+        "log-ratio (k1) or mean k3.",
+    )
+    baseline: bool = Field(True, description="Subtract the tracked value (false: the reference's no_baseline ablation, A = r).")
+    adv_norm: Literal["sample", "token", "none"] = Field(
+        "sample",
+        description="Normalise advantages over the batch: sample (each response once, unbiased std, the reference), "
+        "token (weighted by response length) or none.",
+    )
+    eps: float = Field(1e-8, gt=0, description="Added to the std before dividing.")
+    prompt_sampling: PromptSampling = Field(default_factory=PromptSampling, description="How prompts are picked.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> SingleStream:
+        if self.rho_min > self.rho_max:
+            raise ValueError(f"rho_min ({self.rho_min}) must not exceed rho_max ({self.rho_max})")
+        return self
+
+
+class SegmentGae(Section):
+    """Value-network segment SPO: per-segment GAE from a critic's values at segment starts (value_net_segment_spo.md).
+
+    Without a critic (`critic: null`) it falls back to group-mean baselines with lambda forced to 1, i.e. every
+    token gets r - mean of its prompt's group; segments are then only logged.
+    """
+
+    kind: Literal["segment_gae"] = "segment_gae"
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount per segment (a segment is one macro-action).")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda over segments.")
+    critic: Critic | None = Field(
+        default_factory=Critic, description="The value network; null falls back to group-mean baselines."
+    )
+    value_loss_positions: Literal["segment_starts", "all_tokens"] = Field(
+        "segment_starts",
+        description="Where the critic is trained: at segment starts (where V_k is read), or at every token with its "
+        "segment's return as target.",
+    )
+    normalize_advantages: bool = Field(
+        True, description="Whiten token advantages over all response tokens of the iteration (population variance)."
+    )
+    fallback_scale_by_std: bool = Field(
+        False, description="Without a critic: divide r - group mean by the group's population std (GRPO) as well."
+    )
+    eps: float = Field(1e-8, gt=0, description="Added to the variance (whitening) and the std (fallback).")
+
+
+EstimatorSpec = kind_union(Group, McChain, Vineppo, McTree, Gae, SingleStream, SegmentGae, default="group")
 
 
 # --------------------------------------------------------------------------------------------- loss
@@ -436,6 +538,12 @@ class PpoClip(Section):
         False, description="Train only tokens whose old-policy probability is below prob_mask_rho (SPO's mask)."
     )
     prob_mask_rho: float = Field(0.9, gt=0, le=1, description="Threshold of the probability mask (strict <).")
+    clip_ratio_c: float | None = Field(
+        None,
+        gt=1,
+        description="Dual clip (verl's name): for negative advantages the token loss is at most -A * clip_ratio_c, so "
+        "a huge ratio cannot blow up the update (single-stream SPO: 10). null: off.",
+    )
     loss_agg: Literal["token_mean", "seq_mean_token_mean"] = Field(
         "token_mean", description="token_mean: mean over all trained tokens of the mini-batch."
     )
@@ -531,6 +639,7 @@ class Eval(Section):
     num_samples: int = Field(4, ge=0, description="Sampled responses per problem for sampled accuracy; 0 = skip.")
     temperature: float = Field(1.0, gt=0, description="Temperature of the sampled evaluation.")
     top_p: float = Field(1.0, gt=0, le=1, description="top_p of the sampled evaluation.")
+    top_k: int = Field(0, ge=0, description="top_k of the sampled evaluation; 0 = off.")
     max_completion_length: int | None = Field(None, ge=1, description="New-token budget; default: sampling's.")
     max_problems: int | None = Field(None, ge=1, description="Evaluate on at most N problems.")
 
@@ -571,6 +680,19 @@ class Recipe(Section):
     def _consistent(self) -> Recipe:
         if isinstance(self.estimator, Group) and self.sampling.num_generations < 2:
             raise ValueError("estimator.kind=group needs sampling.num_generations >= 2 (a group of one has no baseline)")
+        if isinstance(self.estimator, SegmentGae) and self.estimator.critic is None and self.sampling.num_generations < 2:
+            raise ValueError(
+                "estimator.kind=segment_gae without a critic falls back to group-mean baselines: it needs "
+                "sampling.num_generations >= 2"
+            )
+        if isinstance(self.estimator, SingleStream):
+            if isinstance(self.task, Arith) and self.task.train_pool_size is None:
+                raise ValueError(
+                    "estimator.kind=single_stream tracks a value per training prompt: set task.train_pool_size "
+                    "(the arith task otherwise draws fresh problems every iteration)"
+                )
+            if self.train.episodes_per_iteration is not None:
+                raise ValueError("estimator.kind=single_stream trains on the batch it samples: unset train.episodes_per_iteration")
         if isinstance(self.estimator, McTree):
             if not isinstance(self.partitioner, Whole):
                 raise ValueError(

@@ -31,6 +31,8 @@ class Task:
     penalize_truncated: bool = False
     stop: tuple[str, ...] = ()
     sft_examples: Callable[[random.Random, int], list[Problem]] | None = None
+    # seed -> the finite training set; None when problems are generated fresh every iteration
+    train_pool: Callable[[int], list[Problem]] | None = None
     close: Callable[[], None] = field(default=lambda: None)
 
     def rewards(self, responses: Sequence[str], golds: Sequence[str], finish_reasons: Sequence[str]) -> list[float]:
@@ -77,7 +79,7 @@ def epoch_slice(n_items: int, start: int, count: int, seed: int) -> list[int]:
 def build_task(spec: TaskSpec, prompts_per_iteration: int) -> Task:
     match spec:
         case Arith():
-            return _arith_task(spec)
+            return _arith_task(spec, prompts_per_iteration)
         case Gsm8k():
             return _gsm8k_task(spec, prompts_per_iteration)
         case Math():
@@ -85,7 +87,7 @@ def build_task(spec: TaskSpec, prompts_per_iteration: int) -> Task:
     raise AssertionError(f"unhandled task kind {spec.kind!r}")
 
 
-def _arith_task(spec: Arith) -> Task:
+def _arith_task(spec: Arith, prompts_per_iteration: int) -> Task:
     from spo_cli.tasks import arith, gsm8k
 
     knobs = dict(max_start=spec.max_start, max_add=spec.max_add, max_mul=spec.max_mul, max_val=spec.max_val)
@@ -95,7 +97,19 @@ def _arith_task(spec: Arith) -> Task:
     def to_problem(p: arith.ArithProblem, ident: str) -> Problem:
         return Problem(id=ident, question=p.question, gold=p.answer, solution=p.solution)
 
+    pools: dict[int, list[Problem]] = {}
+
+    def train_pool(seed: int) -> list[Problem]:
+        if seed not in pools:
+            rng = random.Random(derive_seed(seed, "arith-pool"))
+            pool = arith.distinct_problems(rng, spec.train_pool_size, spec.min_steps, spec.max_steps, exclude, **knobs)
+            pools[seed] = [to_problem(p, f"pool-{i}") for i, p in enumerate(pool)]
+        return list(pools[seed])
+
     def train_problems(iteration: int, count: int, seed: int) -> list[Problem]:
+        if spec.train_pool_size is not None:
+            pool = train_pool(seed)
+            return [pool[i] for i in epoch_slice(len(pool), iteration * prompts_per_iteration, count, seed)]
         rng = random.Random(derive_seed(seed, "arith-train", iteration))
         batch = arith.sample_problems(rng, count, spec.min_steps, spec.max_steps, exclude, **knobs)
         return [to_problem(p, f"it{iteration}-p{i}") for i, p in enumerate(batch)]
@@ -113,6 +127,7 @@ def _arith_task(spec: Arith) -> Task:
         use_chat_template=spec.use_chat_template,
         penalize_truncated=spec.penalize_truncated,
         sft_examples=sft_examples,
+        train_pool=train_pool if spec.train_pool_size is not None else None,
     )
 
 
@@ -160,6 +175,7 @@ def _file_task(
         penalize_truncated=spec.penalize_truncated,
         stop=stop,
         sft_examples=None,
+        train_pool=lambda seed: list(train),
         close=close,
     )
 

@@ -146,3 +146,30 @@ def sample_problems(
                 "the held-out set covers (almost) every problem with these steps and knobs"
             )
     return problems
+
+
+def distinct_problems(
+    rng: random.Random,
+    n: int,
+    min_steps: int,
+    max_steps: int,
+    exclude: frozenset[str] | set[str],
+    **knobs: int,
+) -> list[ArithProblem]:
+    """`n` training problems with pairwise different questions (a fixed training pool), none in `exclude`."""
+    seen: set[str] = set(exclude)
+    problems: list[ArithProblem] = []
+    misses = 0
+    while len(problems) < n:
+        (problem,) = sample_problems(rng, 1, min_steps, max_steps, exclude, **knobs)
+        if problem.question in seen:
+            misses += 1
+            if misses > _MAX_TRIES_PER_PROBLEM * max(n, 1):
+                raise SpoUserError(
+                    f"arithmetic task: could not draw {n} distinct training problems (found {len(problems)}); lower "
+                    "task.train_pool_size or widen max_start/max_add/max_mul/max_val"
+                )
+            continue
+        seen.add(problem.question)
+        problems.append(problem)
+    return problems
