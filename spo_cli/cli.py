@@ -110,16 +110,26 @@ def partition(
 @app.command("estimate-values")
 def estimate_values(
     recipe: RecipeArg,
-    input: Annotated[Path, typer.Option("--in", help="Partitioned episodes JSONL to read (mc_tree: or a prompt file).")],
-    output: Annotated[Path, typer.Option("--out", help="Episodes JSONL to write (with segment and token advantages).")],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="Episodes JSONL to write (with segment and token advantages); with --offline, the values JSON "
+            "{prompt: \\[score, ...]} (finished shards are kept in <out>.shards/, which a re-run resumes from).",
+        ),
+    ],
     overrides: OverridesArg = None,
+    input: Annotated[
+        Path | None,
+        typer.Option("--in", help="Partitioned episodes JSONL to read (mc_tree: or a prompt file); required unless --offline."),
+    ] = None,
     policy: PolicyOpt = None,
     critic: Annotated[
         Path | None,
         typer.Option(
             "--critic",
-            help="A gae run's saved critic, <run_dir>/checkpoints/iter_N/critic with N the episodes' iteration - 1 "
-            "(estimator.kind=gae only).",
+            help="A gae or segment_gae run's saved critic, <run_dir>/checkpoints/iter_N/critic with N the episodes' "
+            "iteration - 1 (estimator.kind=gae, or segment_gae with a critic).",
         ),
     ] = None,
     iteration: Annotated[
@@ -130,15 +140,68 @@ def estimate_values(
             min=0,
         ),
     ] = 1,
+    offline: Annotated[
+        bool,
+        typer.Option(
+            "--offline",
+            help="Single-stream SPO's offline prompt values instead: sample responses for every training prompt of the "
+            "recipe's task from --policy with the recipe's eval sampling settings and write {prompt: \\[score, ...]} to "
+            "--out. Resumable: finished shards in <out>.shards/ are kept (also after the merge) and skipped by a re-run.",
+        ),
+    ] = False,
+    samples_per_prompt: Annotated[
+        int | None,
+        typer.Option(
+            "--samples-per-prompt",
+            help="--offline: responses per prompt; default estimator.offline_samples (single_stream), else 8.",
+            min=1,
+        ),
+    ] = None,
+    prompts_per_shard: Annotated[
+        int | None,
+        typer.Option("--prompts-per-shard", help="--offline: prompts per shard, the unit a re-run resumes at; default 256.", min=1),
+    ] = None,
+    max_scores_per_prompt: Annotated[
+        int | None,
+        typer.Option(
+            "--max-scores-per-prompt",
+            help="--offline: keep at most this many scores per prompt (a seeded random sample); default 8.",
+            min=1,
+        ),
+    ] = None,
 ) -> None:
     """Fill segment advantages of saved, partitioned episodes with the recipe's estimator.
 
     Monte Carlo estimators sample continuations from --policy with the recipe's sampling settings and the
     seed a training run would use for the episodes' iteration, so they reproduce `spo train`'s advantages.
-    gae reads the values of the critic given with --critic. mc_tree also takes a prompt file (JSONL rows with
-    `question` or `prompt`, and `gold`): it grows a tree per prompt with --policy and writes the edge episodes.
+    gae and segment_gae (with a critic) read the values of the critic given with --critic. mc_tree also takes
+    a prompt file (JSONL rows with `question` or `prompt`, and `gold`): it grows a tree per prompt with --policy
+    and writes the edge episodes.
+
+    With --offline (no --in) it writes single-stream SPO's offline prompt values instead: --samples-per-prompt
+    responses for every training prompt, scored, as the JSON {prompt: \\[score, ...]} that estimator.offline_values
+    reads. Shards of --prompts-per-shard prompts are saved in <out>.shards/ as they finish and are kept after the
+    merge; a re-run with the same settings skips them, so a killed run resumes.
     """
+    offline_only = {"--samples-per-prompt": samples_per_prompt, "--prompts-per-shard": prompts_per_shard,
+                    "--max-scores-per-prompt": max_scores_per_prompt}  # fmt: skip
+    if offline:
+        if input is not None or critic is not None:
+            raise SpoUserError("--offline samples the recipe's training prompts with --policy: drop --in and --critic")
+    elif input is None:
+        raise SpoUserError("missing --in (the episodes or prompt file to read); or pass --offline for single-stream SPO's offline prompt values")
+    elif given := [name for name, value in offline_only.items() if value is not None]:
+        raise SpoUserError(f"{', '.join(given)}: only with --offline")
     spec = _load(recipe, overrides)
+    if offline:
+        from spo_cli.standalone import offline_values_file
+
+        values = offline_values_file(
+            spec, output, policy, typer.echo, samples_per_prompt=samples_per_prompt,
+            prompts_per_shard=prompts_per_shard, max_scores_per_prompt=max_scores_per_prompt,
+        )  # fmt: skip
+        typer.echo(f"wrote offline values of {len(values)} prompts to {output}")
+        return
     from spo_cli.standalone import estimate_file
 
     stats = estimate_file(spec, input, output, policy, typer.echo, critic, iteration)

@@ -182,6 +182,12 @@ class Math(_FileTask):
         "{problem}", description="Prompt with a {problem} placeholder (the R1-Distill recipes set the reference template)."
     )
     grading_timeout_s: float = Field(5.0, gt=0, description="Time limit for grading one response; over it counts as wrong.")
+    problem_field: str = Field("problem", min_length=1, description="Record field holding the problem text.")
+    answer_field: str | None = Field(
+        None,
+        description="Record field holding the final answer as-is (DAPO-Math: solution); default: the `answer` field, "
+        "else the last \\boxed{} of `solution` (MATH).",
+    )
     penalize_truncated: bool = Field(False, description="Reward 0 for a response cut by max_completion_length.")
 
 

@@ -2,7 +2,7 @@
 
 They call the same stage functions as `spo train`; what they add is loading the policy when a stage
 needs one: scoring episodes that lack log-probabilities, and sampling Monte Carlo rollouts; and loading a
-run's critic for gae.
+run's critic for gae and segment_gae.
 """
 
 from __future__ import annotations
@@ -74,7 +74,10 @@ def estimate_file(
     if needs_critic(recipe.estimator):
         critic_values = _critic_values(recipe, critic_dir, log)
     elif critic_dir is not None:
-        raise SpoUserError(f"--critic: estimator.kind={recipe.estimator.kind} reads no critic (only gae does)")
+        raise SpoUserError(
+            f"--critic: estimator.kind={recipe.estimator.kind} reads no critic "
+            "(only gae and segment_gae with estimator.critic set do)"
+        )
     try:
         if needs_policy(recipe.estimator):
             from spo_cli.estimate.rollout import build_state_values
@@ -99,13 +102,14 @@ def estimate_file(
 
 
 def _critic_values(recipe: Recipe, critic_dir: Path | None, log: Callable[[str], None]):
-    """The values of a run's saved critic. There is no default: gae's advantages are only those of the loop with
-    the critic's weights at that iteration, which only the run has."""
+    """The values of a run's saved critic. There is no default: gae's (and segment_gae's) advantages are only
+    those of the loop with the critic's weights at that iteration, which only the run has."""
     from spo_cli.critic import episode_values, load_critic
 
     if critic_dir is None:
         raise SpoUserError(
-            "estimator.kind=gae reads a trained value network: pass --critic <run_dir>/checkpoints/iter_N/critic, "
+            f"estimator.kind={recipe.estimator.kind} reads a trained value network: "
+            "pass --critic <run_dir>/checkpoints/iter_N/critic, "
             "the critic of the checkpoint before the episodes' iteration (N = iteration - 1)"
         )
     runtime = _runtime(recipe)
@@ -219,3 +223,53 @@ def grow_trees_file(
         task.close()
     write_episodes(output_path, edges)
     return {"episodes": float(len(edges)), **grow_stats, **stats}
+
+
+def offline_values_file(
+    recipe: Recipe,
+    output_path: Path,
+    policy_dir: Path | None,
+    log: Callable[[str], None],
+    *,
+    samples_per_prompt: int | None = None,
+    prompts_per_shard: int | None = None,
+    max_scores_per_prompt: int | None = None,
+) -> dict[str, list[float]]:
+    """`spo estimate-values --offline`: the offline prompt values of single-stream SPO, sampled from --policy
+    (or the recipe's model) into `output_path`, resuming from the shards a killed run left."""
+    from spo_cli import offline_values as ov
+    from spo_cli.recipe import Sft
+    from spo_cli.sample import build_sampler
+    from spo_cli.tasks import build_task
+
+    if isinstance(recipe.warm_start, Sft) and policy_dir is None:
+        raise SpoUserError(
+            "warm_start.kind is sft: the offline values must come from the policy RL starts from, not the recipe's "
+            "base model; pass --policy <run_dir>/warm_start (after `spo sft`), or leave estimator.offline_values "
+            "unset and let `spo train` estimate them"
+        )
+    from spo_cli.train import set_offline_defaults
+
+    set_offline_defaults(recipe)  # before build_task, which may read a hub dataset
+    task = build_task(recipe.task, recipe.sampling.prompts_per_iteration)
+    try:
+        ov.require_train_pool(task)  # before the slow model load
+        runtime = _runtime(recipe)
+        model, tokenizer = load_policy(recipe, policy_dir, runtime)
+        log(f"sampling offline values with {policy_dir or 'the recipe model'}")
+        sampler = build_sampler(recipe.sampling, model, tokenizer, runtime)
+        return ov.estimate_offline_values(
+            recipe,
+            task,
+            sampler,
+            tokenizer,
+            output_path,
+            samples_per_prompt=samples_per_prompt,
+            prompts_per_shard=prompts_per_shard or ov.DEFAULT_PROMPTS_PER_SHARD,
+            max_scores_per_prompt=max_scores_per_prompt or ov.DEFAULT_MAX_SCORES_PER_PROMPT,
+            policy_label=ov.policy_identity(recipe, policy_dir),
+            max_context=getattr(model.config, "max_position_embeddings", None),
+            log=log,
+        )
+    finally:
+        task.close()

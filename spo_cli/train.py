@@ -29,12 +29,13 @@ from spo_cli.checkpoint import (
 from spo_cli.episode import Episode, write_episodes
 from spo_cli.errors import SpoUserError
 from spo_cli.estimate import estimate_advantages
+from spo_cli.estimate.single_stream import BASELINE_KEY
 from spo_cli.fsutil import atomic_write_text, publish_dir
 from spo_cli.metrics import MetricsLog, truncate_records
 from spo_cli.partition import partition_episodes
-from spo_cli.recipe import McTree, PretrainedModel, Recipe, Sft, TinyModel, dump_recipe
+from spo_cli.recipe import Gae, McTree, PretrainedModel, Recipe, SegmentGae, Sft, SingleStream, TinyModel, dump_recipe
 from spo_cli.replay import EdgeReplayBuffer, fit_episode_count
-from spo_cli.tasks import Task, apply_template, build_task, derive_seed
+from spo_cli.tasks import Task, apply_template, build_task, derive_seed, epoch_slice
 
 WARM_START_DIR = "warm_start"
 
@@ -128,10 +129,17 @@ def sample_episodes(
     sampler, tokenizer, task: Task, recipe: Recipe, iteration: int, params
 ) -> tuple[list[Episode], dict[str, float]]:
     problems, prompts = training_prompts(sampler, tokenizer, task, recipe, iteration)
+    return graded_episodes(sampler, task, recipe, iteration, params, problems, prompts), {"num_prompts": float(len(problems))}
+
+
+def graded_episodes(
+    sampler, task: Task, recipe: Recipe, iteration: int, params, problems: list, prompts: list[str], metadata=None
+) -> list[Episode]:
+    """Sample `params.n` responses per prompt and grade them; `metadata[i]` goes on every episode of prompt i."""
     groups = sampler.generate(prompts, params, seed=derive_seed(recipe.run.seed, "sample", iteration))
-    flat = [(p, prompt, c) for p, prompt, g in zip(problems, prompts, groups) for c in g]
-    rewards = task.rewards([c.text for _, _, c in flat], [p.gold for p, _, _ in flat], [c.finish_reason for _, _, c in flat])
-    episodes = [
+    flat = [(i, p, prompt, c) for i, (p, prompt, g) in enumerate(zip(problems, prompts, groups)) for c in g]
+    rewards = task.rewards([c.text for *_, c in flat], [p.gold for _, p, _, _ in flat], [c.finish_reason for *_, c in flat])
+    return [
         Episode(
             id=f"it{iteration}-{k}",
             group_id=f"it{iteration}-{p.id}",
@@ -145,9 +153,32 @@ def sample_episodes(
             response_entropies=c.entropies,
             finish_reason=c.finish_reason,
             reward=r,
+            metadata=dict(metadata[i]) if metadata is not None else {},
         )
-        for k, ((p, prompt, c), r) in enumerate(zip(flat, rewards))
+        for k, ((i, p, prompt, c), r) in enumerate(zip(flat, rewards))
     ]
+
+
+def sample_single_stream(
+    sampler, tokenizer, task: Task, recipe: Recipe, iteration: int, params, tracker, pool: list
+) -> tuple[list[Episode], dict[str, float]]:
+    """Single-stream SPO's sampling: prioritised prompts from the pool, each episode carrying its prompt's
+    tracker value from before this step's observation (the baseline)."""
+    spec = recipe.estimator.prompt_sampling
+    seed = recipe.run.seed
+    if spec.pool_size is not None and spec.pool_size < len(pool):
+        pool = [pool[i] for i in epoch_slice(len(pool), (iteration - 1) * spec.pool_size, spec.pool_size, seed)]
+    keys = [task.format_prompt(p.question) for p in pool]
+    count = recipe.sampling.prompts_per_iteration
+    rng = random.Random(derive_seed(seed, "prompt-sampling", iteration))
+    try:
+        chosen = tracker.select(keys, count, rng)
+    except ValueError as exc:
+        raise SpoUserError(f"single_stream prompt sampling: {exc} (sampling.prompts_per_iteration is {count})") from None
+    problems = [pool[i] for i in chosen]
+    prompts = [apply_template(tokenizer, keys[i], task.use_chat_template) for i in chosen]
+    metadata = [{BASELINE_KEY: {"key": keys[i], "value": tracker.value(keys[i])}} for i in chosen]
+    episodes = graded_episodes(sampler, task, recipe, iteration, params, problems, prompts, metadata)
     return episodes, {"num_prompts": float(len(problems))}
 
 
@@ -255,6 +286,11 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
             load_optimizer_state(ckpt, optimizer, scheduler)
         critic = _critic(recipe, model, tokenizer, ckpt, runtime)
         critic_values = _critic_values(critic, recipe, tokenizer, runtime)
+        if isinstance(recipe.estimator, SegmentGae) and critic is None:
+            console.print(
+                "segment_gae: no value network (estimator.critic is null): advantages are r - group mean, "
+                "lambda = 1; segments are only logged"
+            )
 
         sampler = build_sampler(recipe.sampling, model, tokenizer, runtime)
         params = sampling_params(recipe.sampling, task.stop, _max_context(model))
@@ -263,8 +299,21 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
         replay = EdgeReplayBuffer(tree.replay.max_age, tree.replay.edges_per_question) if tree and tree.replay else None
         if replay is not None and ckpt is not None:
             replay.load(ckpt)
+        single_stream = recipe.estimator if isinstance(recipe.estimator, SingleStream) else None
+        tracker, pool = None, []
+        if single_stream:
+            pool = training_pool(sampler, tokenizer, task, recipe)
+            tracker = _tracker(recipe, task, sampler, tokenizer, pool, run_dir, ckpt, console, _max_context(model))
         # State beyond the policy's that each checkpoint must hold for an exact resume.
-        extra_writers = [w for w in (_critic_writer(critic), replay.save if replay is not None else None) if w]
+        extra_writers = [
+            w
+            for w in (
+                _critic_writer(critic),
+                replay.save if replay is not None else None,
+                tracker.save if tracker is not None else None,
+            )
+            if w
+        ]
         # Resuming drops the records of iterations after the checkpoint: they are about to be redone.
         metrics_log = MetricsLog(run_dir, recipe.logging.tensorboard, resume_iteration=start - 1 if resume else None)
         cleanup.callback(metrics_log.close)
@@ -292,8 +341,13 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
             bar = progress.add_task("RL", total=recipe.train.iterations, completed=start - 1)
             for iteration in range(start, recipe.train.iterations + 1):
                 t0 = time.perf_counter()
-                sample = sample_trees if tree else sample_episodes
-                episodes, sample_stats = sample(sampler, tokenizer, task, recipe, iteration, params)
+                if single_stream:
+                    episodes, sample_stats = sample_single_stream(
+                        sampler, tokenizer, task, recipe, iteration, params, tracker, pool
+                    )
+                else:
+                    sample = sample_trees if tree else sample_episodes
+                    episodes, sample_stats = sample(sampler, tokenizer, task, recipe, iteration, params)
                 t_sample = time.perf_counter() - t0
                 if tree and recipe.logging.save_episodes:
                     write_episodes(run_dir / "trees" / f"iter_{iteration:06d}.jsonl", episodes)
@@ -318,6 +372,9 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
                     critic=critic,
                 )  # fmt: skip
                 t_opt = time.perf_counter() - t1
+                if tracker is not None:
+                    # After the update, as the reference: rho measures how far the update moved the policy.
+                    update.update(observe_outcomes(tracker, episodes, model, tokenizer, recipe, runtime))
                 tokens = sample_stats.get("tree/generated_tokens", sum(len(ep.response_token_ids) for ep in sampled))
                 record: dict[str, Any] = {
                     "iteration": iteration,
@@ -372,22 +429,120 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
     return summary
 
 
-def _critic(recipe: Recipe, policy_model, tokenizer, ckpt: Path | None, runtime):
-    """The value network of a gae run: restored from the checkpoint when resuming, else built from the
-    policy RL starts from (after the warm start). None for estimators without a critic."""
-    from spo_cli.critic import CRITIC_DIR, build_critic, load_critic
-    from spo_cli.recipe import Gae
+def training_pool(sampler, tokenizer, task: Task, recipe: Recipe) -> list:
+    """The finite training set single-stream SPO tracks, without prompts over sampling.max_prompt_length."""
+    if task.train_pool is None:
+        raise SpoUserError(
+            "estimator.kind=single_stream tracks a value per training prompt, but this task draws fresh problems every "
+            "iteration (arith: set task.train_pool_size)"
+        )
+    pool = task.train_pool(recipe.run.seed)
+    limit = recipe.sampling.max_prompt_length
+    if limit is not None:
+        prompts = [apply_template(tokenizer, task.format_prompt(p.question), task.use_chat_template) for p in pool]
+        lengths = [len(ids) for ids in sampler.encode_prompts(prompts)]
+        pool = [p for p, n in zip(pool, lengths) if n <= limit]
+    if not pool:
+        raise SpoUserError("single_stream: no training prompt fits sampling.max_prompt_length")
+    return pool
+
+
+def _tracker(
+    recipe: Recipe, task: Task, sampler, tokenizer, pool: list, run_dir: Path, ckpt: Path | None, console: Console,
+    max_context: int | None,
+):  # fmt: skip
+    """Single-stream SPO's tracker: restored from the checkpoint when resuming, else initialised from the offline
+    values (read from estimator.offline_values, or estimated now with the policy RL starts from)."""
+    from spo_cli.offline_values import estimate_offline_values, policy_identity, read_offline_values
+    from spo_cli.tracker import PromptValueTracker
 
     spec = recipe.estimator
-    if not isinstance(spec, Gae):
+    keys = [task.format_prompt(p.question) for p in pool]
+    if ckpt is not None:
+        tracker = PromptValueTracker(spec)
+        try:
+            tracker.load(ckpt)
+        except FileNotFoundError as exc:
+            raise SpoUserError(f"--resume: {exc}") from None
+        console.print(f"single_stream: restored {len(tracker)} prompt values from {ckpt}")
+        return tracker
+    if spec.offline_samples == 0:
+        console.print(f"single_stream: offline_samples is 0: all {len(keys)} prompts start at Beta(0.5, 0.5)")
+        return PromptValueTracker.uninformed(spec, keys)
+    if spec.offline_values is not None:
+        offline = read_offline_values(Path(spec.offline_values))
+        source = spec.offline_values
+    else:
+        out = run_dir / "offline_values.json"
+        console.print(f"single_stream: estimating offline values ({spec.offline_samples} responses per prompt) into {out}")
+        offline = estimate_offline_values(
+            recipe, task, sampler, tokenizer, out,
+            samples_per_prompt=spec.offline_samples, prompts_per_shard=256, max_scores_per_prompt=spec.offline_samples,
+            policy_label=policy_identity(recipe, run_dir / WARM_START_DIR if isinstance(recipe.warm_start, Sft) else None),
+            max_context=max_context, log=console.print,
+        )  # fmt: skip
+        source = str(out)
+    tracker = PromptValueTracker.from_offline_values(spec, {k: offline[k] for k in dict.fromkeys(keys) if k in offline}, recipe.run.seed)
+    missing = sum(1 for k in keys if k not in tracker)
+    few = sum(1 for k in dict.fromkeys(keys) if k in offline and len(offline[k]) < spec.offline_samples)
+    console.print(f"single_stream: {len(tracker)} of {len(keys)} training prompts have offline values ({source})")
+    if missing:
+        console.print(
+            f"[yellow]warning:[/] {missing} training prompts have no offline value: their sampling weight is 0, "
+            "they are never drawn"
+        )
+    if few:
+        console.print(
+            f"[yellow]warning:[/] {few} prompts have fewer than {spec.offline_samples} offline scores: their initial "
+            "value uses the scores they have"
+        )
+    return tracker
+
+
+def observe_outcomes(tracker, episodes: list[Episode], model, tokenizer, recipe: Recipe, runtime) -> dict[str, float]:
+    """Feed this step's rewards to the tracker, with rho measured on the updated policy (spec 4.3 steps 7-8)."""
+    import torch
+
+    from spo_cli.policy import score_responses
+    from spo_cli.tracker import stored_sample
+
+    def score(prompt_ids, response_ids) -> list[list[float]]:
+        with torch.no_grad():
+            logprobs, _ = score_responses(
+                model, prompt_ids, response_ids,
+                pad_id=tokenizer.pad_token_id, temperature=recipe.sampling.temperature,
+                batch_size=recipe.train.per_device_train_batch_size, device=runtime.device, autocast=runtime.autocast,
+            )  # fmt: skip
+        return logprobs
+
+    keys = [ep.metadata[BASELINE_KEY]["key"] for ep in episodes]
+    if recipe.estimator.rho_mode == "kl":
+        now = score([ep.prompt_token_ids for ep in episodes], [ep.response_token_ids for ep in episodes])
+    else:
+        now = [[] for _ in episodes]
+    samples = [stored_sample(ep.prompt_token_ids, ep.response_token_ids, lp) for ep, lp in zip(episodes, now)]
+    stats = tracker.observe(keys, [ep.reward for ep in episodes], samples, score)
+    return tracker.metrics(keys, stats)
+
+
+def _critic(recipe: Recipe, policy_model, tokenizer, ckpt: Path | None, runtime):
+    """The value network of a gae or segment_gae run: restored from the checkpoint when resuming, else built
+    from the policy RL starts from (after the warm start). None for estimators without a critic, including
+    segment_gae with `critic: null`."""
+    from spo_cli.critic import CRITIC_DIR, build_critic, load_critic
+
+    spec = recipe.estimator.critic if isinstance(recipe.estimator, (Gae, SegmentGae)) else None
+    if spec is None:
         return None
     if ckpt is not None:
         if not (ckpt / CRITIC_DIR).is_dir():
-            raise SpoUserError(f"--resume: checkpoint {ckpt} has no {CRITIC_DIR}/: it was not written by a gae run")
-        critic = load_critic(ckpt / CRITIC_DIR, spec.critic, recipe.optim, device=runtime.device)
+            raise SpoUserError(
+                f"--resume: checkpoint {ckpt} has no {CRITIC_DIR}/: it was not written by a run with a critic"
+            )
+        critic = load_critic(ckpt / CRITIC_DIR, spec, recipe.optim, device=runtime.device)
     else:
         critic = build_critic(
-            policy_model, spec.critic, recipe.optim, vocab_size=len(tokenizer), seed=recipe.run.seed, device=runtime.device
+            policy_model, spec, recipe.optim, vocab_size=len(tokenizer), seed=recipe.run.seed, device=runtime.device
         )
     if recipe.hardware.gradient_checkpointing:
         critic.model.backbone.gradient_checkpointing_enable()

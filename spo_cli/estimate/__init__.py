@@ -15,9 +15,18 @@ from spo_cli.estimate.gae import CriticValues, estimate_gae, gae_advantages
 from spo_cli.estimate.group import group_advantages
 from spo_cli.estimate.mc_chain import StateValues, ValueState, estimate_mc_chain
 from spo_cli.estimate.mc_tree import estimate_mc_tree
+from spo_cli.estimate.segment_gae import (
+    estimate_segment_gae,
+    estimate_segment_gae_fallback,
+    segment_gae,
+    segment_value_targets,
+    spread_over_tokens,
+    whiten_tokens,
+)
+from spo_cli.estimate.single_stream import estimate_single_stream, single_stream_advantages
 from spo_cli.estimate.tree import tree_edge_advantages, tree_values
 from spo_cli.estimate.vineppo import estimate_vineppo, vineppo_step_advantages
-from spo_cli.recipe import EstimatorSpec, Gae, Group, McChain, McTree, Vineppo
+from spo_cli.recipe import EstimatorSpec, Gae, Group, McChain, McTree, SegmentGae, SingleStream, Vineppo
 
 __all__ = [
     "CriticValues",
@@ -30,9 +39,14 @@ __all__ = [
     "group_advantages",
     "needs_critic",
     "needs_policy",
+    "segment_gae",
+    "segment_value_targets",
+    "single_stream_advantages",
+    "spread_over_tokens",
     "tree_edge_advantages",
     "tree_values",
     "vineppo_step_advantages",
+    "whiten_tokens",
 ]
 
 
@@ -45,8 +59,11 @@ def needs_policy(spec: EstimatorSpec) -> bool:
 
 
 def needs_critic(spec: EstimatorSpec) -> bool:
-    """Whether the estimator reads a value network's estimates (and so needs `critic_values`)."""
-    return isinstance(spec, Gae)
+    """Whether the estimator reads a value network's estimates (and so needs `critic_values`).
+
+    segment_gae without a critic (`critic: null`) falls back to group-mean baselines and reads none.
+    """
+    return isinstance(spec, Gae) or (isinstance(spec, SegmentGae) and spec.critic is not None)
 
 
 def estimate_advantages(
@@ -84,6 +101,27 @@ def estimate_advantages(
             if critic_values is None:
                 raise ValueError("estimator.kind=gae reads a value network's estimates: it needs the critic")
             return estimate_gae(episodes, critic_values(episodes), spec.gamma, spec.lam)
+        case SegmentGae(critic=None):
+            return estimate_segment_gae_fallback(
+                episodes, spec.fallback_scale_by_std, spec.normalize_advantages, spec.eps
+            )
+        case SegmentGae():
+            if critic_values is None:
+                raise ValueError(
+                    "estimator.kind=segment_gae reads a value network's estimates: it needs the critic "
+                    "(or estimator.critic: null for the group-mean fallback)"
+                )
+            return estimate_segment_gae(
+                episodes,
+                critic_values(episodes),
+                spec.gamma,
+                spec.lam,
+                spec.value_loss_positions,
+                spec.normalize_advantages,
+                spec.eps,
+            )
+        case SingleStream():
+            return estimate_single_stream(episodes, spec.adv_norm, spec.baseline, spec.eps)
     raise AssertionError(f"unhandled estimator kind {spec.kind!r}")
 
 

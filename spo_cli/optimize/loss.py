@@ -93,6 +93,7 @@ def ppo_clip_loss(
     normalizer: float | None = None,
     kl_normalizer: float | None = None,
     log_ratio_clamp: float = 10.0,
+    clip_ratio_c: float | None = None,
 ) -> LossOutputs:
     """Compute the PPO clipped surrogate loss with an optional p_old < rho mask and k3 KL term.
 
@@ -101,6 +102,7 @@ def ppo_clip_loss(
 
         ratio = exp(clamp(logprobs - old_logprobs, -log_ratio_clamp, log_ratio_clamp))
         pg    = max(-A * ratio, -A * clamp(ratio, 1 - epsilon_low, 1 + epsilon_high))
+        pg    = min(pg, -A * clip_ratio_c)   where A < 0, with the dual clip (clip_ratio_c given)
         k3    = exp(d) - d - 1,  d = clamp(ref_logprobs - logprobs, -10, 10)
 
     Aggregation of ``pg`` over masked tokens:
@@ -139,6 +141,9 @@ def ppo_clip_loss(
             masked in. Default ``None``.
         kl_normalizer (float | None): denominator of the ``seq_sum`` KL; default ``B``.
         log_ratio_clamp (float): bound on ``|logprobs - old_logprobs|`` before ``exp``. Default 10.
+        clip_ratio_c (float | None): dual clip (Ye et al. 2020, verl's ``clip_ratio_c``): for a negative
+            advantage the token loss is at most ``-A * clip_ratio_c`` (> 1), so a token whose ratio exploded
+            cannot dominate the update. ``None`` disables it. Default ``None``.
 
     Returns:
         LossOutputs: ``loss`` (scalar, with grad), detached scalars ``policy_loss`` and ``kl``,
@@ -169,6 +174,8 @@ def ppo_clip_loss(
         raise ValueError(f"unknown kl_agg {kl_agg!r}")
     if epsilon_low < 0 or epsilon_high < 0:
         raise ValueError(f"clip ranges must be >= 0, got {epsilon_low} and {epsilon_high}")
+    if clip_ratio_c is not None and not clip_ratio_c > 1:
+        raise ValueError(f"clip_ratio_c must be > 1, got {clip_ratio_c}")
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
     if beta > 0 and inputs.ref_logprobs is None:
@@ -192,7 +199,13 @@ def ppo_clip_loss(
     ratio = torch.exp(log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp))
     pg_unclipped = -adv * ratio
     pg_clipped = -adv * ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
-    pg = torch.where(keep, torch.maximum(pg_unclipped, pg_clipped), zero)
+    pg = torch.maximum(pg_unclipped, pg_clipped)
+    dual_clipped = None
+    if clip_ratio_c is not None:
+        capped = torch.minimum(pg, -adv * clip_ratio_c)
+        dual_clipped = keep & (adv < 0) & (capped < pg)
+        pg = torch.where(adv < 0, capped, pg)
+    pg = torch.where(keep, pg, zero)
 
     keep_f = keep.float()
     row_tokens = keep_f.sum(dim=-1)
@@ -225,10 +238,12 @@ def ppo_clip_loss(
         clipped_low = keep & (adv < 0) & (ratio < 1.0 - epsilon_low)
         clipped_high = keep & (adv > 0) & (ratio > 1.0 + epsilon_high)
         # One stacked .tolist() so a GPU caller pays a single device sync for all metrics.
-        low, high, ratio_sum, neg_log_ratio_sum, kl_value, pl_value, loss_value = torch.stack(
+        dual = dual_clipped.float().sum() if dual_clipped is not None else zero
+        low, high, dual_count, ratio_sum, neg_log_ratio_sum, kl_value, pl_value, loss_value = torch.stack(
             [
                 clipped_low.float().sum(),
                 clipped_high.float().sum(),
+                dual,
                 torch.where(keep, ratio, zero).sum(),
                 -log_ratio.sum(),
                 kl.detach(),
@@ -241,6 +256,7 @@ def ppo_clip_loss(
         "clip_ratio/low": low / count,
         "clip_ratio/high": high / count,
         "clip_ratio": (low + high) / count,
+        "clip_ratio/dual": dual_count / count,
         "kl": kl_value,
         "ratio_mean": ratio_sum / count,
         "ppo_kl": neg_log_ratio_sum / count,

@@ -82,7 +82,7 @@ def ppo_update(
         if missing is not None:
             raise ValueError(
                 f"episode {missing} has no response_values/value_targets: training a critic needs an estimator "
-                "that writes them (estimator.kind=gae)"
+                "that writes them (estimator.kind=gae, or segment_gae with a critic)"
             )
     episodes = select_trainable(episodes, loss, train_critic=critic is not None)
     sums: dict[str, float] = defaultdict(float)
@@ -146,6 +146,7 @@ def ppo_update(
                     kl_agg=loss.kl_agg,
                     normalizer=normalizer,
                     kl_normalizer=float(len(mini)),
+                    clip_ratio_c=loss.clip_ratio_c,
                 )
                 skipped = loss.skip_ratio_above is not None and out.metrics["ratio_mean"] > loss.skip_ratio_above
                 # The reference drops a micro-batch whose policy has drifted too far (ratio explosion)
@@ -164,7 +165,7 @@ def ppo_update(
                 sums["skipped_micro_batches"] += float(skipped)
                 weights["skipped_micro_batches"] = 1.0
                 n_tok = out.metrics.get("num_tokens", 0.0)
-                for key in ("clip_ratio", "clip_ratio/low", "clip_ratio/high", "ratio_mean"):
+                for key in ("clip_ratio", "clip_ratio/low", "clip_ratio/high", "clip_ratio/dual", "ratio_mean"):
                     if key in out.metrics:
                         sums[key] += out.metrics[key] * n_tok
                         weights[key] += n_tok

@@ -9,6 +9,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from spo_cli.errors import SpoUserError
 from spo_cli.recipe import Arith, Gsm8k, Math, TaskSpec
 
 
@@ -207,11 +208,16 @@ def _math_task(spec: Math, prompts_per_iteration: int) -> Task:
     grader = math_task.MathGrader(timeout_s=spec.grading_timeout_s)
 
     def to_problem(row: dict, ident: str) -> Problem:
+        for name in (spec.problem_field, spec.answer_field):
+            if name is not None and row.get(name) is None:
+                keys = ", ".join(sorted(row)) or "none"
+                raise SpoUserError(f"task {spec.kind}: record {ident} has no field {name!r} (it has: {keys})")
+        gold = str(row[spec.answer_field]).strip() if spec.answer_field else math_task.gold_answer(row)
         return Problem(
             id=row.get("unique_id") or ident,
-            question=row["problem"].strip(),
-            gold=math_task.gold_answer(row),
-            solution=row.get("solution"),
+            question=str(row[spec.problem_field]).strip(),
+            gold=gold,
+            solution=row.get("solution") if spec.answer_field is None else None,
         )
 
     return _file_task(

@@ -72,6 +72,25 @@ def test_asymmetric_clip_range():
     assert out.loss.item() == pytest.approx(0.9, rel=1e-6)
 
 
+def test_dual_clip_caps_negative_advantage_tokens():
+    # ratio e^3 = 20.09, A = -1: the pessimistic max gives 20.09; the dual clip caps it at -A * 10 = 10,
+    # and the capped token has no gradient.
+    inputs = make_inputs([[3.0, 3.0, 0.5]], [[-1.0, 1.0, -2.0]])
+    out = ppo_clip_loss(inputs, epsilon_low=0.2, epsilon_high=0.28, clip_ratio_c=10.0)
+    # token 2: A = 1, ratio 20.09 > 1.28 -> -1.28; token 3: ratio e^0.5 = 1.6487 < 10 -> unclipped 2 * 1.6487.
+    expected = (10.0 - 1.28 + 2 * math.exp(0.5)) / 3
+    assert out.loss.item() == pytest.approx(expected, rel=1e-6)
+    assert out.metrics["clip_ratio/dual"] == pytest.approx(1 / 3)
+    out.loss.backward()
+    assert inputs.logprobs.grad[0, 0].item() == 0.0 and inputs.logprobs.grad[0, 1].item() == 0.0
+    assert inputs.logprobs.grad[0, 2].item() == pytest.approx(2 * math.exp(0.5) / 3, rel=1e-6)
+    # Without it the first token costs e^3.
+    plain = ppo_clip_loss(make_inputs([[3.0, 3.0, 0.5]], [[-1.0, 1.0, -2.0]]), epsilon_high=0.28)
+    assert plain.loss.item() == pytest.approx((math.exp(3.0) - 1.28 + 2 * math.exp(0.5)) / 3, rel=1e-6)
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        ppo_clip_loss(make_inputs([[0.0]], [[1.0]]), clip_ratio_c=1.0)
+
+
 def test_mixed_batch_token_mean_and_clip_metrics():
     # tokens: high-clipped (-1.2), low-clipped (0.8), ratio e with A<0 (e), ratio 1 with A=1 (-1)
     out = ppo_clip_loss(make_inputs([[1.0, -1.0], [1.0, 0.0]], [[1.0, -1.0], [-1.0, 1.0]]))
