@@ -1,4 +1,4 @@
-"""The README's main job and its SPO-chain, SPO-tree and PPO twins, end to end (minutes each on 2 cores):
+"""The README's main job and its SPO-chain, SPO-tree, PPO, segment-GAE and single-stream twins, end to end (minutes each on 2 cores):
 RL must raise held-out accuracy within the 15 minutes a tiny recipe is allowed."""
 
 from __future__ import annotations
@@ -15,7 +15,15 @@ from ..conftest import REPO
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "recipe", ["tiny_arith_grpo.yaml", "tiny_arith_chain.yaml", "tiny_arith_tree.yaml", "tiny_arith_ppo.yaml"]
+    "recipe",
+    [
+        "tiny_arith_grpo.yaml",
+        "tiny_arith_chain.yaml",
+        "tiny_arith_tree.yaml",
+        "tiny_arith_ppo.yaml",
+        "tiny_arith_segment_gae.yaml",
+        "tiny_arith_single_stream.yaml",
+    ],
 )
 def test_main_job_improves_held_out_accuracy(tmp_path, recipe):
     start = time.perf_counter()
