@@ -589,7 +589,19 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-_SHOWN = ("reward", "accuracy", "kl", "clip_ratio", "entropy", "grad_norm", "completions/mean_length", "tokens_per_second", "time/iteration_s")
+_SHOWN = (
+    "reward",
+    "accuracy",
+    "single_stream/value",
+    "single_stream/rho",
+    "kl",
+    "clip_ratio",
+    "entropy",
+    "grad_norm",
+    "completions/mean_length",
+    "tokens_per_second",
+    "time/iteration_s",
+)
 
 
 def _fmt(record: dict[str, Any], prefix: str | None = None) -> str:

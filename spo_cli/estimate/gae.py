@@ -108,18 +108,18 @@ def estimate_gae(
         all_returns += returns
         all_advantages += advantages
     metrics = {
-        "critic/values/mean": _mean(all_values),
-        "critic/returns/mean": _mean(all_returns),
-        "critic/advantages/mean": _mean(all_advantages),
+        "critic/values/mean": mean_or_zero(all_values),
+        "critic/returns/mean": mean_or_zero(all_returns),
+        "critic/advantages/mean": mean_or_zero(all_advantages),
         "critic/vf_explained_var": explained_variance(all_values, all_returns),
     }
     return out, metrics
 
 
-def _mean(xs: Sequence[float]) -> float:
+def mean_or_zero(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
 def _variance(xs: Sequence[float]) -> float:
-    mean = _mean(xs)
-    return _mean([(x - mean) ** 2 for x in xs])
+    mean = mean_or_zero(xs)
+    return mean_or_zero([(x - mean) ** 2 for x in xs])

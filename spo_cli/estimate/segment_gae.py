@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from spo_cli.episode import Episode
-from spo_cli.estimate.gae import _mean, explained_variance, gae_advantages
+from spo_cli.estimate.gae import explained_variance, gae_advantages, mean_or_zero
 from spo_cli.estimate.group import group_advantages
 
 ValueLossPositions = Literal["segment_starts", "all_tokens"]
@@ -166,9 +166,9 @@ def estimate_segment_gae(
     trained = [(v, g) for vs, gs in zip(token_values, targets) for v, g in zip(vs, gs) if g is not None]
     trained_values, trained_targets = [v for v, _ in trained], [g for _, g in trained]
     metrics = {
-        "critic/values/mean": _mean(trained_values),
-        "critic/returns/mean": _mean(trained_targets),
-        "critic/advantages/mean": _mean([a for xs in raw_advantages for a in xs]),
+        "critic/values/mean": mean_or_zero(trained_values),
+        "critic/returns/mean": mean_or_zero(trained_targets),
+        "critic/advantages/mean": mean_or_zero([a for xs in raw_advantages for a in xs]),
         "critic/vf_explained_var": explained_variance(trained_values, trained_targets),
         **_common_metrics(episodes, fallback=False),
     }
@@ -232,6 +232,6 @@ def _bounds(ep: Episode) -> list[tuple[int, int]]:
 
 def _common_metrics(episodes: Sequence[Episode], fallback: bool) -> dict[str, float]:
     return {
-        "segment_gae/segments": _mean([len(ep.segments or []) for ep in episodes]),
+        "segment_gae/segments": mean_or_zero([len(ep.segments or []) for ep in episodes]),
         "segment_gae/fallback": float(fallback),
     }
