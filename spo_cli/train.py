@@ -453,7 +453,12 @@ def _tracker(
 ):  # fmt: skip
     """Single-stream SPO's tracker: restored from the checkpoint when resuming, else initialised from the offline
     values (read from estimator.offline_values, or estimated now with the policy RL starts from)."""
-    from spo_cli.offline_values import estimate_offline_values, policy_identity, read_offline_values
+    from spo_cli.offline_values import (
+        DEFAULT_PROMPTS_PER_SHARD,
+        estimate_offline_values,
+        policy_identity,
+        read_offline_values,
+    )
     from spo_cli.tracker import PromptValueTracker
 
     spec = recipe.estimator
@@ -477,7 +482,8 @@ def _tracker(
         console.print(f"single_stream: estimating offline values ({spec.offline_samples} responses per prompt) into {out}")
         offline = estimate_offline_values(
             recipe, task, sampler, tokenizer, out,
-            samples_per_prompt=spec.offline_samples, prompts_per_shard=256, max_scores_per_prompt=spec.offline_samples,
+            samples_per_prompt=spec.offline_samples, max_scores_per_prompt=spec.offline_samples,
+            prompts_per_shard=DEFAULT_PROMPTS_PER_SHARD,
             policy_label=policy_identity(recipe, run_dir / WARM_START_DIR if isinstance(recipe.warm_start, Sft) else None),
             max_context=max_context, log=console.print,
         )  # fmt: skip
