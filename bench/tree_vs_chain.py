@@ -37,11 +37,11 @@ class CountingSampler:
     def encode_prompts(self, prompts):
         return self.inner.encode_prompts(prompts)
 
-    def generate(self, prompts, params, seed):
-        return self._count(self.inner.generate(prompts, params, seed))
+    def generate(self, prompts, params, seed, offset=0):
+        return self._count(self.inner.generate(prompts, params, seed, offset))
 
-    def generate_ids(self, prompt_ids, params, seed):
-        return self._count(self.inner.generate_ids(prompt_ids, params, seed))
+    def generate_ids(self, prompt_ids, params, seed, offset=0):
+        return self._count(self.inner.generate_ids(prompt_ids, params, seed, offset))
 
     def _count(self, groups):
         self.generated += sum(len(c.token_ids) for group in groups for c in group)

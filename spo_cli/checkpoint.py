@@ -1,7 +1,8 @@
 """Checkpoints: Hugging Face model + tokenizer, optimizer, scheduler, RNG and loop position, written atomically.
 
 Layout of a run directory:
-    checkpoints/iter_000010/{model/, optimizer.pt, trainer_state.json, critic/ (estimator gae)}
+    checkpoints/iter_000010/{model/, optimizer.pt, trainer_state.json, critic/ (estimator gae),
+                             deepspeed/ (DeepSpeed: every process's optimizer shard)}
     checkpoints/latest            -> text: "iter_000010"
 A checkpoint directory is built under a temporary name and renamed into place when complete, and
 `latest` is replaced atomically after that, so a kill at any moment leaves the last good checkpoint.
@@ -10,14 +11,11 @@ A checkpoint directory is built under a temporary name and renamed into place wh
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from spo_cli.fsutil import atomic_write_json, atomic_write_text, publish_dir
 from spo_cli.models import save_model
@@ -29,55 +27,48 @@ def checkpoint_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_checkpoint(
     run_dir: Path,
     iteration: int,
-    model,
+    learner,
     tokenizer,
-    optimizer,
-    scheduler,
     trainer_state: dict[str, Any],
     keep: int | None,
     extra_writers: Sequence[Callable[[Path], None]] = (),
 ) -> Path:
-    """Write checkpoint `iteration` atomically.
+    """Write checkpoint `iteration` atomically; every process of a distributed run calls this together.
 
-    Each of `extra_writers` is called with the unpublished checkpoint directory to add more state (a
-    critic, a replay buffer), so that state is published atomically with the rest.
+    The main process stages the directory and writes the model (Hugging Face format, full weights), the learner's
+    optimizer/scheduler/RNG state and `trainer_state.json`; under DeepSpeed every process adds its optimizer shard.
+    Each of `extra_writers` is called (on the main process) with the unpublished checkpoint directory to add more
+    state (a critic, a replay buffer), so that state is published atomically with the rest.
     """
+    cluster = learner.cluster
     root = checkpoint_root(run_dir)
     name = f"iter_{iteration:06d}"
     staging = root / f".{name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_model(model, tokenizer, staging / "model")
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-        staging / "optimizer.pt",
-    )
-    for write in extra_writers:
-        write(staging)
-    (staging / "trainer_state.json").write_text(json.dumps({**trainer_state, "iteration": iteration}, indent=2))
+    if cluster.is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    cluster.barrier()
+    learner.save_state(staging)
+    if cluster.is_main:
+        save_model(learner.inference_model, tokenizer, staging / "model")
+        for write in extra_writers:
+            write(staging)
+        (staging / "trainer_state.json").write_text(
+            json.dumps({**trainer_state, "iteration": iteration, "world_size": cluster.world_size}, indent=2)
+        )
+    # Every process's shard must be on disk before the directory is published.
+    cluster.barrier()
     final = root / name
-    publish_dir(staging, final)
-    atomic_write_text(root / "latest", name + "\n")
-    if keep is not None:
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    if cluster.is_main:
+        publish_dir(staging, final)
+        atomic_write_text(root / "latest", name + "\n")
+        if keep is not None:
+            for old in list_checkpoints(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    cluster.barrier()
     return final
 
 
@@ -103,13 +94,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / "trainer_state.json").read_text())
-
-
-def load_optimizer_state(checkpoint: Path, optimizer, scheduler) -> None:
-    state = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
 
 
 def save_json(path: Path, obj: Any) -> None:

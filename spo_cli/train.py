@@ -19,13 +19,8 @@ from typing import Any
 
 from rich.console import Console
 
-from spo_cli.checkpoint import (
-    latest_checkpoint,
-    load_optimizer_state,
-    read_trainer_state,
-    save_checkpoint,
-    save_json,
-)
+from spo_cli.checkpoint import latest_checkpoint, read_trainer_state, save_checkpoint, save_json
+from spo_cli.distributed import LOCAL, Cluster
 from spo_cli.episode import Episode, write_episodes
 from spo_cli.errors import SpoUserError
 from spo_cli.estimate import estimate_advantages
@@ -46,23 +41,32 @@ class Policy:
     tokenizer: Any
 
 
-def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
-    """Create (or reuse, when resuming) the run directory; refuse to clobber an old run by accident."""
+def check_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
+    """The run directory, if the flags allow using it: refuse to clobber an old run by accident (changes nothing)."""
     run_dir = recipe.run.run_dir
     has_content = run_dir.is_dir() and any(run_dir.iterdir())
     if resume:
         if not has_content:
             raise SpoUserError(f"--resume: run directory {run_dir} does not exist or is empty; start without --resume")
-    elif has_content:
-        if not overwrite:
-            raise SpoUserError(
-                f"run directory {run_dir} already holds a run: pass --resume to continue it, --overwrite to "
-                "replace it, or set run.output_dir to a new folder"
-            )
-        import shutil
+    elif has_content and not overwrite:
+        raise SpoUserError(
+            f"run directory {run_dir} already holds a run: pass --resume to continue it, --overwrite to "
+            "replace it, or set run.output_dir to a new folder"
+        )
+    return run_dir
 
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+
+def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool, cluster: Cluster = LOCAL) -> Path:
+    """Create (or reuse, when resuming) the run directory. Every process checks before the main one changes it."""
+    run_dir = check_run_dir(recipe, resume, overwrite)
+    cluster.barrier()
+    if cluster.is_main:
+        if not resume and overwrite and run_dir.is_dir():
+            import shutil
+
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    cluster.barrier()
     return run_dir
 
 
@@ -89,12 +93,19 @@ def initial_policy(recipe: Recipe) -> Policy:
     return Policy(model, tokenizer)
 
 
-def warm_started_policy(recipe: Recipe, run_dir: Path, task: Task, runtime, console: Console) -> Policy:
-    """The policy RL starts from; the supervised warm start runs once and is saved in the run directory."""
+def warm_started_policy(
+    recipe: Recipe, run_dir: Path, task: Task, runtime, console: Console, cluster: Cluster = LOCAL
+) -> Policy:
+    """The policy RL starts from; the supervised warm start runs once (on the main process) and is saved in the run
+    directory, where the other processes load it from."""
     from spo_cli.models import load_checkpoint, save_model
 
     saved = run_dir / WARM_START_DIR
-    if isinstance(recipe.warm_start, Sft) and (saved / "config.json").is_file():
+    done = (saved / "config.json").is_file()
+    cluster.barrier()  # every process has looked before the main one may write it
+    if isinstance(recipe.warm_start, Sft) and (done or not cluster.is_main):
+        if not done:
+            cluster.barrier()  # the main process's supervised run
         console.print(f"warm start: loading {saved}")
         model, tokenizer = load_checkpoint(saved)
         return Policy(model.to(runtime.device), tokenizer)
@@ -109,6 +120,7 @@ def warm_started_policy(recipe: Recipe, run_dir: Path, task: Task, runtime, cons
         save_model(policy.model, policy.tokenizer, staging)
         (staging / "sft_stats.json").write_text(json.dumps(stats, indent=2))
         publish_dir(staging, saved)
+        cluster.barrier()
     return policy
 
 
@@ -229,6 +241,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
     from spo_cli.evaluate import evaluate_policy
     from spo_cli.hardware import resolve_runtime
     from spo_cli.models import load_checkpoint
+    from spo_cli.optimize.learner import build_learner, start_processes
     from spo_cli.optimize.schedule import build_scheduler
     from spo_cli.optimize.step import ppo_update, steps_per_iteration
     from spo_cli.estimate.rollout import build_state_values
@@ -239,23 +252,33 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
     runtime = resolve_runtime(recipe.hardware)
     # Data problems (a missing file, an unreachable hub) surface before a run directory exists.
     task = build_task(recipe.task, recipe.sampling.prompts_per_iteration)
-    # Grader worker processes and log writers are released however the run ends.
+    # Grader worker processes, log writers and the process group are released however the run ends.
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(task.close)
-        run_dir = prepare_run_dir(recipe, resume, overwrite)
+        accelerator, cluster = start_processes(recipe.hardware, runtime)
+        if accelerator is not None:
+            cleanup.callback(_end_processes)
+        if not cluster.is_main:
+            # One process speaks and writes; the others compute the same iteration silently.
+            console = Console(file=open(os.devnull, "w"))  # noqa: SIM115 (closed with the process)
+        run_dir = prepare_run_dir(recipe, resume, overwrite, cluster)
         seed = recipe.run.seed
         ckpt = latest_checkpoint(run_dir) if resume else None
         saved_recipe = run_dir / "recipe.resolved.yaml"
         if resume and saved_recipe.is_file() and saved_recipe.read_text() != dump_recipe(recipe):
             console.print("[yellow]warning:[/] the recipe differs from the one this run started with")
-        atomic_write_text(saved_recipe, dump_recipe(recipe))
+        if cluster.is_main:
+            atomic_write_text(saved_recipe, dump_recipe(recipe))
+        if cluster.distributed:
+            console.print(f"{cluster.world_size} processes ({_engine_name(accelerator)}), backend {_backend()}")
 
-        policy = warm_started_policy(recipe, run_dir, task, runtime, console)
+        policy = warm_started_policy(recipe, run_dir, task, runtime, console, cluster)
         ref_model = None
         if recipe.loss.beta > 0:
             ref_model = copy.deepcopy(policy.model).eval().requires_grad_(False)
         if ckpt is not None:
             state = read_trainer_state(ckpt)
+            _check_resume_world(state, ckpt, cluster, accelerator)
             model, tokenizer = load_checkpoint(ckpt / "model")
             policy = Policy(model.to(runtime.device), tokenizer)
             start = state["iteration"] + 1
@@ -278,21 +301,29 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
         per_iter = steps_per_iteration(
             recipe.train.episodes_per_iteration or recipe.sampling.prompts_per_iteration * recipe.sampling.num_generations,
             recipe.train,
+            cluster.world_size,
         )
         total_steps = per_iter * (optim.schedule_iterations or recipe.train.iterations)
         warmup = optim.warmup_steps if optim.warmup_steps is not None else round(optim.warmup_ratio * total_steps)
-        scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup, kind=optim.lr_scheduler_type)
-        if ckpt is not None:
-            load_optimizer_state(ckpt, optimizer, scheduler)
         critic = _critic(recipe, model, tokenizer, ckpt, runtime)
-        critic_values = _critic_values(critic, recipe, tokenizer, runtime)
+        learner = build_learner(
+            accelerator, cluster, model, optimizer,
+            lambda opt: build_scheduler(opt, total_steps=total_steps, warmup_steps=warmup, kind=optim.lr_scheduler_type),
+            max_grad_norm=optim.max_grad_norm, micro_batch=recipe.train.per_device_train_batch_size,
+            accumulation=recipe.train.gradient_accumulation_steps,
+        )  # fmt: skip
+        if ckpt is not None:
+            learner.load_state(ckpt)
+        # Sampling and scoring run the inference module: the trained one, or ZeRO-3's full copy of it.
+        model = learner.inference_model
+        critic_values = _critic_values(critic, recipe, tokenizer, runtime, cluster)
         if isinstance(recipe.estimator, SegmentGae) and critic is None:
             console.print(
                 "segment_gae: no value network (estimator.critic is null): advantages are r - group mean, "
                 "lambda = 1; segments are only logged"
             )
 
-        sampler = build_sampler(recipe.sampling, model, tokenizer, runtime)
+        sampler = build_sampler(recipe.sampling, model, tokenizer, runtime, cluster=cluster, seed=seed)
         params = sampling_params(recipe.sampling, task.stop, _max_context(model))
         state_values = build_state_values(recipe, sampler, tokenizer, task, _max_context(model))
         tree = recipe.estimator if isinstance(recipe.estimator, McTree) else None
@@ -303,7 +334,9 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
         tracker, pool = None, []
         if single_stream:
             pool = training_pool(sampler, tokenizer, task, recipe)
-            tracker = _tracker(recipe, task, sampler, tokenizer, pool, run_dir, ckpt, console, _max_context(model))
+            tracker = _tracker(
+                recipe, task, sampler, tokenizer, pool, run_dir, ckpt, console, _max_context(model), cluster
+            )
         # State beyond the policy's that each checkpoint must hold for an exact resume.
         extra_writers = [
             w
@@ -315,10 +348,12 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
             if w
         ]
         # Resuming drops the records of iterations after the checkpoint: they are about to be redone.
-        metrics_log = MetricsLog(run_dir, recipe.logging.tensorboard, resume_iteration=start - 1 if resume else None)
-        cleanup.callback(metrics_log.close)
-        if resume:
-            truncate_records(run_dir / "completions.jsonl", start - 1)
+        metrics_log = None
+        if cluster.is_main:
+            metrics_log = MetricsLog(run_dir, recipe.logging.tensorboard, resume_iteration=start - 1 if resume else None)
+            cleanup.callback(metrics_log.close)
+            if resume:
+                truncate_records(run_dir / "completions.jsonl", start - 1)
         eval_problems = task.eval_problems()
         eval_tokens = recipe.eval.max_completion_length or recipe.sampling.max_completion_length
 
@@ -327,7 +362,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
                 sampler, tokenizer, task, eval_problems, recipe.eval, eval_tokens,
                 seed=derive_seed(seed, "eval"), keep_eos_token=recipe.sampling.keep_eos_token,
             )  # fmt: skip
-            save_json(run_dir / f"eval_{tag}.json", {"iteration": iteration, **result})
+            if cluster.is_main:
+                save_json(run_dir / f"eval_{tag}.json", {"iteration": iteration, **result})
             console.print(f"eval ({tag}, iteration {iteration}): " + _fmt(result, "eval/"))
             return result
 
@@ -335,7 +371,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
         if recipe.eval.before_training and eval_problems and before is None:
             before = run_eval("before", 0)
 
-        progress = _progress(console, recipe.logging.progress)
+        progress = _progress(console, recipe.logging.progress and cluster.is_main)
         wall0 = time.perf_counter()
         with progress:
             bar = progress.add_task("RL", total=recipe.train.iterations, completed=start - 1)
@@ -349,7 +385,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
                     sample = sample_trees if tree else sample_episodes
                     episodes, sample_stats = sample(sampler, tokenizer, task, recipe, iteration, params)
                 t_sample = time.perf_counter() - t0
-                if tree and recipe.logging.save_episodes:
+                if tree and recipe.logging.save_episodes and cluster.is_main:
                     write_episodes(run_dir / "trees" / f"iter_{iteration:06d}.jsonl", episodes)
                 sampled = episodes
                 episodes = partition_episodes(episodes, recipe.partitioner, tokenizer)
@@ -364,17 +400,20 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
                     episodes = fit_episode_count(episodes, recipe.train.episodes_per_iteration, rng)
                 t1 = time.perf_counter()
                 t_estimate = t1 - t0 - t_sample
+                sampler.sleep()
                 update = ppo_update(
-                    model, optimizer, scheduler, episodes,
-                    loss=recipe.loss, train=recipe.train, max_grad_norm=optim.max_grad_norm,
+                    learner, episodes,
+                    loss=recipe.loss, train=recipe.train,
                     temperature=recipe.sampling.temperature, runtime=runtime, pad_id=tokenizer.pad_token_id,
                     rng=random.Random(derive_seed(seed, "shuffle", iteration)), ref_model=ref_model,
                     critic=critic,
                 )  # fmt: skip
+                learner.refresh_inference_model()
+                sampler.sync_weights()
                 t_opt = time.perf_counter() - t1
                 if tracker is not None:
                     # After the update, as the reference: rho measures how far the update moved the policy.
-                    update.update(observe_outcomes(tracker, episodes, model, tokenizer, recipe, runtime))
+                    update.update(observe_outcomes(tracker, episodes, model, tokenizer, recipe, runtime, cluster))
                 tokens = sample_stats.get("tree/generated_tokens", sum(len(ep.response_token_ids) for ep in sampled))
                 record: dict[str, Any] = {
                     "iteration": iteration,
@@ -389,19 +428,21 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
                     "time/optimize_s": t_opt,
                     "time/iteration_s": time.perf_counter() - t0,
                 }
-                if recipe.logging.save_episodes:
-                    write_episodes(run_dir / "episodes" / f"iter_{iteration:06d}.jsonl", episodes)
                 show = iteration == start or iteration % recipe.train.save_steps == 0
-                graded = [ep for ep in sampled if ep.reward is not None]
-                _log_completions(run_dir, graded, recipe.logging.log_completions, iteration, console, show)
+                if cluster.is_main:
+                    if recipe.logging.save_episodes:
+                        write_episodes(run_dir / "episodes" / f"iter_{iteration:06d}.jsonl", episodes)
+                    graded = [ep for ep in sampled if ep.reward is not None]
+                    _log_completions(run_dir, graded, recipe.logging.log_completions, iteration, console, show)
                 if recipe.eval.eval_steps and iteration % recipe.eval.eval_steps == 0 and iteration < recipe.train.iterations:
                     record.update(run_eval(f"iter_{iteration:06d}", iteration))
-                metrics_log.log(record)
+                if metrics_log is not None:
+                    metrics_log.log(record)
                 console.print(f"it {iteration}/{recipe.train.iterations}  " + _fmt(record))
                 progress.update(bar, completed=iteration)
                 if iteration % recipe.train.save_steps == 0 or iteration == recipe.train.iterations:
                     save_checkpoint(
-                        run_dir, iteration, model, tokenizer, optimizer, scheduler,
+                        run_dir, iteration, learner, tokenizer,
                         {"data_position": iteration * recipe.sampling.prompts_per_iteration, "seed": seed},
                         keep=recipe.train.save_total_limit,
                         extra_writers=extra_writers,
@@ -418,7 +459,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
         "eval_after": _strip(after),
         "final_checkpoint": str(latest_checkpoint(run_dir)),
     }
-    save_json(run_dir / "summary.json", summary)
+    if cluster.is_main:
+        save_json(run_dir / "summary.json", summary)
     if before and after:
         for key in ("greedy_accuracy", "sampled_accuracy"):
             if f"eval/{key}" in before:
@@ -449,7 +491,7 @@ def training_pool(sampler, tokenizer, task: Task, recipe: Recipe) -> list:
 
 def _tracker(
     recipe: Recipe, task: Task, sampler, tokenizer, pool: list, run_dir: Path, ckpt: Path | None, console: Console,
-    max_context: int | None,
+    max_context: int | None, cluster: Cluster = LOCAL,
 ):  # fmt: skip
     """Single-stream SPO's tracker: restored from the checkpoint when resuming, else initialised from the offline
     values (read from estimator.offline_values, or estimated now with the policy RL starts from)."""
@@ -485,7 +527,7 @@ def _tracker(
             samples_per_prompt=spec.offline_samples, max_scores_per_prompt=spec.offline_samples,
             prompts_per_shard=DEFAULT_PROMPTS_PER_SHARD,
             policy_label=policy_identity(recipe, run_dir / WARM_START_DIR if isinstance(recipe.warm_start, Sft) else None),
-            max_context=max_context, log=console.print,
+            max_context=max_context, log=console.print, cluster=cluster,
         )  # fmt: skip
         source = str(out)
     tracker = PromptValueTracker.from_offline_values(spec, {k: offline[k] for k in dict.fromkeys(keys) if k in offline}, recipe.run.seed)
@@ -505,21 +547,29 @@ def _tracker(
     return tracker
 
 
-def observe_outcomes(tracker, episodes: list[Episode], model, tokenizer, recipe: Recipe, runtime) -> dict[str, float]:
-    """Feed this step's rewards to the tracker, with rho measured on the updated policy (spec 4.3 steps 7-8)."""
+def observe_outcomes(
+    tracker, episodes: list[Episode], model, tokenizer, recipe: Recipe, runtime, cluster: Cluster = LOCAL
+) -> dict[str, float]:
+    """Feed this step's rewards to the tracker, with rho measured on the updated policy (spec 4.3 steps 7-8).
+
+    Every process holds the same tracker and feeds it the same outcomes; the scoring passes are split between them.
+    """
     import torch
 
     from spo_cli.policy import score_responses
     from spo_cli.tracker import stored_sample
 
-    def score(prompt_ids, response_ids) -> list[list[float]]:
+    def score_part(pairs: list[tuple[list[int], list[int]]]) -> list[list[float]]:
         with torch.no_grad():
             logprobs, _ = score_responses(
-                model, prompt_ids, response_ids,
+                model, [p for p, _ in pairs], [r for _, r in pairs],
                 pad_id=tokenizer.pad_token_id, temperature=recipe.sampling.temperature,
                 batch_size=recipe.train.per_device_train_batch_size, device=runtime.device, autocast=runtime.autocast,
             )  # fmt: skip
         return logprobs
+
+    def score(prompt_ids, response_ids) -> list[list[float]]:
+        return cluster.map_shards(score_part, list(zip(prompt_ids, response_ids)))
 
     keys = [ep.metadata[BASELINE_KEY]["key"] for ep in episodes]
     if recipe.estimator.rho_mode == "kl":
@@ -555,18 +605,20 @@ def _critic(recipe: Recipe, policy_model, tokenizer, ckpt: Path | None, runtime)
     return critic
 
 
-def _critic_values(critic, recipe: Recipe, tokenizer, runtime):
+def _critic_values(critic, recipe: Recipe, tokenizer, runtime, cluster: Cluster = LOCAL):
+    """The critic's values of episodes, each process valuing its share."""
     from spo_cli.critic import episode_values
 
     if critic is None:
         return None
-    return episode_values(
+    values = episode_values(
         critic.model,
         pad_id=tokenizer.pad_token_id,
         batch_size=recipe.train.per_device_train_batch_size,
         device=runtime.device,
         autocast=runtime.autocast,
     )
+    return lambda episodes: cluster.map_shards(values, episodes)
 
 
 def _critic_writer(critic):
@@ -576,6 +628,37 @@ def _critic_writer(critic):
     from spo_cli.critic import CRITIC_DIR, save_critic
 
     return lambda checkpoint_dir: save_critic(critic, checkpoint_dir / CRITIC_DIR)
+
+
+def _check_resume_world(state: dict[str, Any], ckpt: Path, cluster: Cluster, accelerator) -> None:
+    """DeepSpeed's optimizer shards load only into the number of processes that wrote them."""
+    saved = int(state.get("world_size", 1))
+    if accelerator is not None and accelerator.state.deepspeed_plugin is not None and saved != cluster.world_size:
+        raise SpoUserError(
+            f"--resume: {ckpt} was written by {saved} DeepSpeed processes, this run has {cluster.world_size}; resume "
+            f"with hardware.num_processes={saved} (or start a new run from {ckpt / 'model'})"
+        )
+
+
+def _end_processes() -> None:
+    """Leave the process group (without it, ZeRO-3 processes abort at exit: environment.md section 2)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _engine_name(accelerator) -> str:
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return "DDP"
+    return f"DeepSpeed ZeRO-{plugin.deepspeed_config.get('zero_optimization', {}).get('stage', 0)}"
+
+
+def _backend() -> str:
+    import torch.distributed as dist
+
+    return dist.get_backend()
 
 
 def _max_context(model) -> int | None:

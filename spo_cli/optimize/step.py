@@ -18,6 +18,9 @@ from spo_cli.recipe import PpoClip, Train
 
 if TYPE_CHECKING:
     from spo_cli.critic import ValueCritic
+    from spo_cli.optimize.learner import AccelerateLearner, LocalLearner
+
+    Learner = LocalLearner | AccelerateLearner
 
 
 def trained_token_count(episode: Episode, prob_mask_rho: float | None) -> int:
@@ -40,20 +43,17 @@ def select_trainable(episodes: Sequence[Episode], loss: PpoClip, train_critic: b
     ]
 
 
-def steps_per_iteration(num_episodes: int, train: Train) -> int:
-    per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps
+def steps_per_iteration(num_episodes: int, train: Train, world_size: int = 1) -> int:
+    per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps * world_size
     return train.ppo_epochs * math.ceil(num_episodes / per_step)
 
 
 def ppo_update(
-    policy,
-    optimizer,
-    scheduler,
+    learner: Learner,
     episodes: Sequence[Episode],
     *,
     loss: PpoClip,
     train: Train,
-    max_grad_norm: float,
     temperature: float,
     runtime: Runtime,
     pad_id: int,
@@ -64,15 +64,21 @@ def ppo_update(
     """Run `train.ppo_epochs` passes of PPO-clip over `episodes` (which carry segment advantages).
 
     pi_old is the sampling-time log-prob stored in each episode. Every mini-batch of
-    `per_device_train_batch_size * gradient_accumulation_steps` episodes is one optimizer step; the
-    token-mean loss is normalised by the trained tokens of the whole mini-batch, so accumulation
-    gives the same gradient as one big batch.
+    `per_device_train_batch_size * gradient_accumulation_steps` episodes per process is one optimizer step; the
+    token-mean loss is normalised by the trained tokens of the whole mini-batch (all processes' shares), so
+    accumulation and data parallelism give the same gradient as one big batch.
+
+    With several processes every process holds all `episodes` and the same shuffle; each trains the episodes
+    `rank::world_size` of every mini-batch. A process with fewer micro-batches than another runs a zero-weighted
+    one, so every process does the same collective work.
 
     With a `critic`, every micro-batch also runs the value model with grad and adds `vf_coef` times the
     clipped value loss over the tokens with a value target (normalised over the mini-batch's such tokens,
-    like the policy loss); the critic's gradient is clipped to `max_grad_norm` and its optimizer steps with
-    the policy's. Its gradients come from the value loss alone: the two models share no parameters.
+    like the policy loss); the critic's gradient is summed over processes, clipped to the learner's max_grad_norm,
+    and its optimizer steps with the policy's. Its gradients come from the value loss alone: the two models share
+    no parameters.
     """
+    cluster = learner.cluster
     rho = loss.prob_mask_rho if loss.use_prob_mask else None
     missing = next((ep.id for ep in episodes if ep.response_logprobs is None), None)
     if missing is not None:
@@ -93,22 +99,29 @@ def ppo_update(
     advantages = [token_advantages(ep) for ep in episodes]
     ref_logprobs: list[list[float]] | None = None
     if loss.beta > 0:
-        ref_logprobs, _ = score_responses(
-            ref_model,
-            [ep.prompt_token_ids for ep in episodes],
-            [ep.response_token_ids for ep in episodes],
-            pad_id=pad_id,
-            temperature=temperature,
-            batch_size=train.per_device_train_batch_size,
-            device=runtime.device,
-            autocast=runtime.autocast,
-        )
+
+        def score_reference(part: list[Episode]) -> list[list[float]]:
+            scored, _ = score_responses(
+                ref_model,
+                [ep.prompt_token_ids for ep in part],
+                [ep.response_token_ids for ep in part],
+                pad_id=pad_id,
+                temperature=temperature,
+                batch_size=train.per_device_train_batch_size,
+                device=runtime.device,
+                autocast=runtime.autocast,
+            )
+            return scored
+
+        ref_logprobs = cluster.map_shards(score_reference, episodes)
     trained_tokens = [trained_token_count(ep, rho) for ep in episodes]
     value_tokens = [sum(t is not None for t in ep.value_targets or []) for ep in episodes]
+    world = cluster.world_size
     micro = train.per_device_train_batch_size
-    per_step = micro * train.gradient_accumulation_steps
+    per_step = micro * train.gradient_accumulation_steps * world
     steps = 0
-    policy.train()
+    grad_norms = value_grad_norms = 0.0
+    learner.model.train()
     if critic is not None:
         critic.model.train()
     for _ in range(train.ppo_epochs):
@@ -122,48 +135,58 @@ def ppo_update(
             else:
                 normalizer = float(sum(1 for i in mini if trained_tokens[i] > 0))
             value_normalizer = float(sum(value_tokens[i] for i in mini))
-            for mc_start in range(0, len(mini), micro):
-                idx = mini[mc_start : mc_start + micro]
-                batch = collate(
-                    [episodes[i].prompt_token_ids for i in idx], [episodes[i].response_token_ids for i in idx], pad_id
-                ).to(runtime.device)
-                with runtime.autocast():
-                    logprobs, entropy = forward_logprobs(policy, batch, temperature, with_entropy=True)
-                adv = batch.scatter([advantages[i] for i in idx])
-                old = batch.scatter([episodes[i].response_logprobs for i in idx])
-                mask = batch.response_mask
-                if loss.whiten_advantages:
-                    keep = mask if rho is None else mask * (old.exp() < rho)
-                    adv = masked_whiten(adv, keep)
-                ref = batch.scatter([ref_logprobs[i] for i in idx]) if ref_logprobs is not None else None
-                out = ppo_clip_loss(
-                    LossInputs(logprobs=logprobs, old_logprobs=old, advantages=adv, mask=mask, ref_logprobs=ref),
-                    epsilon_low=loss.epsilon,
-                    epsilon_high=loss.epsilon_high if loss.epsilon_high is not None else loss.epsilon,
-                    beta=loss.beta,
-                    prob_mask_rho=rho,
-                    loss_agg=loss.loss_agg,
-                    kl_agg=loss.kl_agg,
-                    normalizer=normalizer,
-                    kl_normalizer=float(len(mini)),
-                    clip_ratio_c=loss.clip_ratio_c,
-                )
-                skipped = loss.skip_ratio_above is not None and out.metrics["ratio_mean"] > loss.skip_ratio_above
-                # The reference drops a micro-batch whose policy has drifted too far (ratio explosion)
-                # but still runs backward, so every rank does the same collective work.
-                total = out.loss * 0.0 if skipped else out.loss
-                if critic is not None:
-                    value_loss, value_metrics = _critic_loss(
-                        critic, batch, [episodes[i] for i in idx], value_normalizer, runtime
+            mine = mini[cluster.rank :: world]
+            n_micro = math.ceil(math.ceil(len(mini) / world) / micro)
+            for k in range(n_micro):
+                idx = mine[k * micro : (k + 1) * micro]
+                # An empty share still runs forward and backward (on any episode, weighted 0): collectives match.
+                real = bool(idx)
+                idx = idx or mini[:1]
+                with learner.micro_batch(last=k == n_micro - 1):
+                    batch = collate(
+                        [episodes[i].prompt_token_ids for i in idx], [episodes[i].response_token_ids for i in idx], pad_id
+                    ).to(runtime.device)
+                    with runtime.autocast():
+                        logprobs, entropy = forward_logprobs(learner.model, batch, temperature, with_entropy=True)
+                    adv = batch.scatter([advantages[i] for i in idx])
+                    old = batch.scatter([episodes[i].response_logprobs for i in idx])
+                    mask = batch.response_mask
+                    if loss.whiten_advantages:
+                        keep = mask if rho is None else mask * (old.exp() < rho)
+                        adv = masked_whiten(adv, keep)
+                    ref = batch.scatter([ref_logprobs[i] for i in idx]) if ref_logprobs is not None else None
+                    out = ppo_clip_loss(
+                        LossInputs(logprobs=logprobs, old_logprobs=old, advantages=adv, mask=mask, ref_logprobs=ref),
+                        epsilon_low=loss.epsilon,
+                        epsilon_high=loss.epsilon_high if loss.epsilon_high is not None else loss.epsilon,
+                        beta=loss.beta,
+                        prob_mask_rho=rho,
+                        loss_agg=loss.loss_agg,
+                        kl_agg=loss.kl_agg,
+                        normalizer=normalizer,
+                        kl_normalizer=float(len(mini)),
+                        clip_ratio_c=loss.clip_ratio_c,
                     )
-                    total = total + critic.vf_coef * value_loss
+                    skipped = loss.skip_ratio_above is not None and out.metrics["ratio_mean"] > loss.skip_ratio_above
+                    # The reference drops a micro-batch whose policy has drifted too far (ratio explosion)
+                    # but still runs backward, so every rank does the same collective work.
+                    total = out.loss * 0.0 if skipped or not real else out.loss
+                    if critic is not None:
+                        value_loss, value_metrics = _critic_loss(
+                            critic, batch, [episodes[i] for i in idx], value_normalizer, runtime
+                        )
+                        total = total + critic.vf_coef * value_loss * float(real)
+                    # DDP and DeepSpeed average gradients over processes; each share is normalised by the whole
+                    # mini-batch, so the sum over processes is the loss: undo the average.
+                    learner.backward(total * world)
+                if not real:
+                    continue
+                if critic is not None:
                     sums["value_loss"] += value_metrics["value_loss"]
                     for key in ("value_clipfrac", "value_mean"):
                         sums[key] += value_metrics[key] * value_metrics["num_value_tokens"]
                         weights[key] += value_metrics["num_value_tokens"]
-                total.backward()
                 sums["skipped_micro_batches"] += float(skipped)
-                weights["skipped_micro_batches"] = 1.0
                 n_tok = out.metrics.get("num_tokens", 0.0)
                 for key in ("clip_ratio", "clip_ratio/low", "clip_ratio/high", "clip_ratio/dual", "ratio_mean"):
                     if key in out.metrics:
@@ -175,28 +198,27 @@ def ppo_update(
                 n_resp = float(mask.sum())
                 sums["entropy"] += float((entropy * mask).sum())
                 weights["entropy"] += n_resp
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            sums["grad_norm"] += float(grad_norm)
+            grad_norms += learner.step()
             if critic is not None:
-                value_grad_norm = torch.nn.utils.clip_grad_norm_(critic.model.parameters(), max_grad_norm)
-                sums["value_grad_norm"] += float(value_grad_norm)
+                cluster.sum_gradients(critic.model.parameters())
+                value_grad_norms += float(torch.nn.utils.clip_grad_norm_(critic.model.parameters(), learner.max_grad_norm))
                 critic.optimizer.step()
                 critic.optimizer.zero_grad(set_to_none=True)
             steps += 1
-    metrics = {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
-    metrics["policy_loss"] = sums["policy_loss"] / steps
-    metrics["grad_norm"] = sums["grad_norm"] / steps
-    metrics["kl"] = sums["kl"] / steps
+    sums = cluster.sum_floats(sums)
+    weights = cluster.sum_floats(weights)
+    metrics = {k: sums[k] / weights[k] for k in sums if weights.get(k, 0.0) > 0}
+    metrics["skipped_micro_batches"] = sums.get("skipped_micro_batches", 0.0)
+    metrics["policy_loss"] = sums.get("policy_loss", 0.0) / steps
+    metrics["grad_norm"] = grad_norms / steps
+    metrics["kl"] = sums.get("kl", 0.0) / steps
     if critic is not None:
         # Like policy_loss: micro-batch losses add up to the step's loss, so average over steps.
-        metrics["value_loss"] = sums["value_loss"] / steps
-        metrics["value_grad_norm"] = sums["value_grad_norm"] / steps
+        metrics["value_loss"] = sums.get("value_loss", 0.0) / steps
+        metrics["value_grad_norm"] = value_grad_norms / steps
     metrics["optimizer_steps"] = float(steps)
     metrics["trained_episodes"] = float(len(episodes))
-    metrics["learning_rate"] = float(scheduler.get_last_lr()[0])
+    metrics["learning_rate"] = learner.learning_rate
     return metrics
 
 

@@ -37,17 +37,63 @@ class Completion:
 
 
 class Sampler(Protocol):
+    """A generation engine. Request i of a call is request `offset + i` of a larger logical call: its randomness
+    depends on (seed, offset + i) and on nothing else the caller chooses per process, so a call split across
+    processes at multiples of `shard_unit(params)` samples exactly what the whole call samples in one process."""
+
     def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]: ...
 
-    def generate(self, prompts: Sequence[str], params: SamplingParams, seed: int) -> list[list[Completion]]:
-        """params.n completions per prompt; the randomness is a function of `seed` alone."""
+    def generate(
+        self, prompts: Sequence[str], params: SamplingParams, seed: int, offset: int = 0
+    ) -> list[list[Completion]]:
+        """params.n completions per prompt."""
         ...
 
     def generate_ids(
-        self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int
+        self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int, offset: int = 0
     ) -> list[list[Completion]]:
         """The same from token ids (Monte Carlo rollouts continue exact token prefixes, not re-tokenized text)."""
         ...
+
+    def shard_unit(self, params: SamplingParams) -> int:
+        """Requests that share one draw of randomness: a call may only be split at multiples of this."""
+        ...
+
+    def sync_weights(self) -> None:
+        """The policy module the sampler was built with has new weights: sample from them from now on."""
+        ...
+
+    def sleep(self) -> None:
+        """Free what the engine holds while the trainer runs (it wakes on the next call)."""
+        ...
+
+
+def finish_response(tokenizer, tokens: Sequence[int], params: SamplingParams) -> tuple[list[int], str, str]:
+    """Cut raw generated tokens at EOS or a stop string: (response ids, text, finish_reason).
+
+    Every backend ends its responses here, so they agree on where a response stops and what it keeps.
+    """
+    tokens = list(tokens)
+    eos = tokenizer.eos_token_id
+    eos_at = tokens.index(eos) if eos in tokens else None
+    body = tokens if eos_at is None else tokens[:eos_at]
+    text = tokenizer.decode(body, skip_special_tokens=True)
+    cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
+    if cut >= 0:
+        # Keep the longest token prefix whose text ends before the stop string (the token that
+        # completes the stop string may carry a few characters of the answer; those are dropped).
+        lo, hi = 0, len(body)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(tokenizer.decode(body[:mid], skip_special_tokens=True)) <= cut:
+                lo = mid
+            else:
+                hi = mid - 1
+        body = body[:lo]
+        return body, tokenizer.decode(body, skip_special_tokens=True), "stop"
+    if eos_at is not None:
+        return (body + [eos] if params.keep_eos_token else body), text, "stop"
+    return body, text, "length"
 
 
 def sampling_params(spec: Sampling, stop: Sequence[str] = (), max_context: int | None = None) -> SamplingParams:
@@ -78,10 +124,25 @@ def new_token_budgets(prompt_ids: Sequence[Sequence[int]], params: SamplingParam
     return budgets
 
 
-def build_sampler(spec: Sampling, model, tokenizer, runtime: Runtime) -> Sampler:
+def build_sampler(spec: Sampling, model, tokenizer, runtime: Runtime, *, cluster=None, seed: int = 0) -> Sampler:
+    """The recipe's sampling backend over `model` (the policy module it samples and, for vLLM, scores with).
+
+    With several processes (`cluster`) every call is split between them and the results gathered: each process
+    samples its share of the requests and every process returns all of them.
+    """
     match spec.backend:
         case "hf":
             from spo_cli.sample.hf import HFSampler
 
-            return HFSampler(model, tokenizer, runtime, generation_batch_size=spec.generation_batch_size)
-    raise AssertionError(f"unhandled sampling backend {spec.backend!r}")
+            sampler = HFSampler(model, tokenizer, runtime, generation_batch_size=spec.generation_batch_size)
+        case "vllm":
+            from spo_cli.sample.vllm import VLLMSampler
+
+            sampler = VLLMSampler(model, tokenizer, runtime, spec.vllm, seed=seed, cluster=cluster)
+        case _:
+            raise AssertionError(f"unhandled sampling backend {spec.backend!r}")
+    if cluster is not None and cluster.world_size > 1:
+        from spo_cli.distributed import ShardedSampler
+
+        return ShardedSampler(sampler, cluster)
+    return sampler

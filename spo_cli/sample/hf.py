@@ -14,7 +14,8 @@ from dataclasses import replace
 import torch
 
 from spo_cli.hardware import Runtime
-from spo_cli.sample import Completion, SamplingParams, new_token_budgets
+from spo_cli.sample import Completion, SamplingParams, finish_response, new_token_budgets
+from spo_cli.tasks import derive_seed
 
 
 class HFSampler:
@@ -30,19 +31,35 @@ class HFSampler:
     def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
         return [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
 
-    def generate(self, prompts: Sequence[str], params: SamplingParams, seed: int) -> list[list[Completion]]:
+    def generate(
+        self, prompts: Sequence[str], params: SamplingParams, seed: int, offset: int = 0
+    ) -> list[list[Completion]]:
         """`params.n` completions for each prompt, with log-probs at the sampling temperature."""
-        return self.generate_ids(self.encode_prompts(prompts), params, seed)
+        return self.generate_ids(self.encode_prompts(prompts), params, seed, offset)
+
+    def shard_unit(self, params: SamplingParams) -> int:
+        """Prompts per generate call: the rows of one call share one random stream."""
+        return max(1, self.generation_batch_size // params.n)
+
+    def sync_weights(self) -> None:
+        """Nothing to do: generate runs the live policy module."""
+
+    def sleep(self) -> None:
+        """Nothing to free: the sampler holds no memory of its own between calls."""
 
     def generate_ids(
-        self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int
+        self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int, offset: int = 0
     ) -> list[list[Completion]]:
-        """`params.n` completions for each token-id prompt (every prompt needs at least one token)."""
+        """`params.n` completions for each token-id prompt (every prompt needs at least one token).
+
+        Each generate call of `shard_unit(params)` prompts draws from its own seed, derived from `seed` and the
+        index of its first prompt in the logical call (`offset` + its index here).
+        """
         if not prompt_ids:
             return []
         if any(len(p) == 0 for p in prompt_ids):
             raise ValueError("every prompt needs at least one token")
-        per_call = max(1, self.generation_batch_size // params.n)
+        per_call = self.shard_unit(params)
         budgets = new_token_budgets(prompt_ids, params)
         raw: list[list[tuple[list[int], list[float], list[float]]]] = []
         was_training = self.model.training
@@ -52,8 +69,8 @@ class HFSampler:
         devices = [torch.cuda.current_device()] if self.runtime.device == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(seed)
                 for start in range(0, len(prompt_ids), per_call):
+                    torch.manual_seed(derive_seed(seed, "chunk", offset + start))
                     # One generate call runs to the chunk's largest budget; each row is cut to its own below,
                     # which samples the same distribution as a call with that row's budget.
                     chunk_params = replace(params, max_new_tokens=max(budgets[start : start + per_call]))
@@ -64,7 +81,7 @@ class HFSampler:
         for ids, budget, outs in zip(prompt_ids, budgets, raw):
             group = []
             for tokens, logprobs, entropies in outs:
-                response, text, reason = self._finish(tokens[:budget], params)
+                response, text, reason = finish_response(self.tokenizer, tokens[:budget], params)
                 group.append(
                     Completion(
                         prompt_token_ids=list(ids),
@@ -161,30 +178,6 @@ class HFSampler:
         # transformers renamed `past_key_values` to `cache` (the old name warns and will go away).
         params = inspect.signature(self.model.forward).parameters
         return "cache" if "cache" in params else "past_key_values"
-
-    def _finish(self, tokens: list[int], params: SamplingParams) -> tuple[list[int], str, str]:
-        """Cut raw generated tokens at EOS or a stop string: (response ids, text, finish_reason)."""
-        tok = self.tokenizer
-        eos = tok.eos_token_id
-        eos_at = tokens.index(eos) if eos in tokens else None
-        body = tokens if eos_at is None else tokens[:eos_at]
-        text = tok.decode(body, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            # Keep the longest token prefix whose text ends before the stop string (the token that
-            # completes the stop string may carry a few characters of the answer; those are dropped).
-            lo, hi = 0, len(body)
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if len(tok.decode(body[:mid], skip_special_tokens=True)) <= cut:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            body = body[:lo]
-            return body, tok.decode(body, skip_special_tokens=True), "stop"
-        if eos_at is not None:
-            return (body + [eos] if params.keep_eos_token else body), text, "stop"
-        return body, text, "length"
 
 
 class LogprobRecorder:

@@ -9,8 +9,9 @@ import torch
 
 from spo_cli.hardware import Runtime
 from spo_cli.policy import collate, forward_logprobs
-from spo_cli.sample import SamplingParams
+from spo_cli.sample import SamplingParams, finish_response
 from spo_cli.sample.hf import HFSampler
+from spo_cli.tasks import derive_seed
 
 CPU = Runtime(device="cpu", bf16=False)
 
@@ -65,17 +66,17 @@ def test_chunking_does_not_change_results(tiny_policy):
     assert [[c.text for c in g] for g in big] == [[c.text for c in g] for g in small]
 
 
-def test_eos_and_stop_string_handling(sampler, tiny_policy):
+def test_eos_and_stop_string_handling(tiny_policy):
     _, tok = tiny_policy
     eos = tok.eos_token_id
     body = tok("12+3=15\n#### 15", add_special_tokens=False)["input_ids"]
     keep = SamplingParams(keep_eos_token=True)
     drop = SamplingParams(keep_eos_token=False)
-    assert sampler._finish(body + [eos, tok.pad_token_id], keep) == (body + [eos], "12+3=15\n#### 15", "stop")
-    assert sampler._finish(body + [eos], drop) == (body, "12+3=15\n#### 15", "stop")
-    assert sampler._finish(body, keep) == (body, "12+3=15\n#### 15", "length")
+    assert finish_response(tok, body + [eos, tok.pad_token_id], keep) == (body + [eos], "12+3=15\n#### 15", "stop")
+    assert finish_response(tok, body + [eos], drop) == (body, "12+3=15\n#### 15", "stop")
+    assert finish_response(tok, body, keep) == (body, "12+3=15\n#### 15", "length")
     stop = SamplingParams(stop=("\n####",))
-    ids, text, reason = sampler._finish(body + [eos], stop)
+    ids, text, reason = finish_response(tok, body + [eos], stop)
     assert (text, reason) == ("12+3=15", "stop") and tok.decode(ids) == "12+3=15"
 
 
@@ -137,7 +138,8 @@ def test_shared_prefill_samples_what_plain_generate_samples_with_fewer_forward_t
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         )  # fmt: skip
         with torch.random.fork_rng():
-            torch.manual_seed(5)
+            # The sampler seeds each generate call from (seed, index of its first prompt).
+            torch.manual_seed(derive_seed(5, "chunk", 0))
             with torch.no_grad():
                 plain = model.generate(input_ids=inp, attention_mask=att, generation_config=config)
         naive = sum(counted)

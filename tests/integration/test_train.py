@@ -79,6 +79,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
         train={"iterations": 5, "save_steps": 1, "save_total_limit": 1},
         task={"min_steps": 1, "max_steps": 1, "sft_min_steps": 1, "sft_max_steps": 1, "eval_steps": [1], "eval_per_step": 8},
         warm_start={"steps": 300, "batch_size": 16, "log_every": 100},
+        sampling={"prompts_per_iteration": 8},
     )
     ref = write_recipe(tmp_path / "ref.yaml", tiny_recipe_dict(tmp_path / "ref", **sections))
     killed = write_recipe(tmp_path / "killed.yaml", tiny_recipe_dict(tmp_path / "killed", **sections))

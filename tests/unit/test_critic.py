@@ -111,6 +111,7 @@ def gae_episodes(critic, n=4):
 
 def test_ppo_update_trains_the_critic(tiny_policy):
     from spo_cli.hardware import Runtime
+    from spo_cli.optimize.learner import LocalLearner
     from spo_cli.optimize.schedule import build_scheduler
     from spo_cli.optimize.step import ppo_update
 
@@ -119,12 +120,13 @@ def test_ppo_update_trains_the_critic(tiny_policy):
     episodes = gae_episodes(critic)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)
     scheduler = build_scheduler(optimizer, total_steps=4, warmup_steps=0, kind="constant")
+    learner = LocalLearner(policy, optimizer, scheduler, max_grad_norm=1.0)
     head_before = critic.model.head.weight.detach().clone()
     backbone_before = critic.model.backbone.embed_tokens.weight.detach().clone()
 
     def update(episodes, critic):
         return ppo_update(
-            policy, optimizer, scheduler, episodes, loss=PpoClip(), max_grad_norm=1.0, temperature=1.0,
+            learner, episodes, loss=PpoClip(), temperature=1.0,
             train=Train(per_device_train_batch_size=2, gradient_accumulation_steps=2, ppo_epochs=2),
             runtime=Runtime("cpu", bf16=False), pad_id=0, rng=random.Random(0), critic=critic,
         )  # fmt: skip
