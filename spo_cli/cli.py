@@ -6,6 +6,7 @@ Nothing here imports torch at module level, so `spo --help` and `spo recipe chec
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -44,12 +45,25 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the recipe's output directory from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing run in the output directory first.")] = False,
 ) -> None:
-    """Run the loop sample -> partition -> estimate -> optimize (after an optional warm start)."""
+    """Run the loop sample -> partition -> estimate -> optimize (after an optional warm start).
+
+    A recipe whose `hardware` asks for several processes, machines or DeepSpeed re-executes this command under
+    `accelerate launch` (or the `deepspeed` launcher), one process per device.
+    """
     spec = _load(recipe, overrides)
+    from spo_cli.launch import needs_launch, relaunch
+
+    if needs_launch(spec.hardware, os.environ):
+        from spo_cli.train import check_run_dir
+
+        # User errors surface here, with exit code 2, not once per launched process.
+        check_run_dir(spec, resume, overwrite)
+        relaunch(spec.hardware, sys.argv[1:])
     from spo_cli.train import train as run_train
 
     summary = run_train(spec, resume=resume, overwrite=overwrite)
-    typer.echo(json.dumps(summary, indent=2))
+    if summary is not None:
+        typer.echo(json.dumps(summary, indent=2))
 
 
 @app.command()

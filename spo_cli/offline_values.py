@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spo_cli.errors import SpoUserError
 from spo_cli.distributed import LOCAL, Cluster
+from spo_cli.errors import SpoUserError
 from spo_cli.fsutil import atomic_write_json, atomic_write_text
 from spo_cli.recipe import Recipe, SingleStream
 from spo_cli.sample import SamplingParams

@@ -42,18 +42,32 @@ class Policy:
 
 
 def check_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
-    """The run directory, if the flags allow using it: refuse to clobber an old run by accident (changes nothing)."""
+    """The run directory, if the flags allow using it: refuse to clobber an old run by accident, or to resume a
+    DeepSpeed checkpoint with another number of processes (changes nothing)."""
     run_dir = recipe.run.run_dir
     has_content = run_dir.is_dir() and any(run_dir.iterdir())
     if resume:
         if not has_content:
             raise SpoUserError(f"--resume: run directory {run_dir} does not exist or is empty; start without --resume")
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is not None and (ckpt / "deepspeed").is_dir():
+            saved = int(read_trainer_state(ckpt).get("world_size", 1))
+            asked = recipe.hardware.num_processes
+            if asked is not None and asked != saved:
+                raise SpoUserError(_world_mismatch(ckpt, saved, asked))
     elif has_content and not overwrite:
         raise SpoUserError(
             f"run directory {run_dir} already holds a run: pass --resume to continue it, --overwrite to "
             "replace it, or set run.output_dir to a new folder"
         )
     return run_dir
+
+
+def _world_mismatch(ckpt: Path, saved: int, asked: int) -> str:
+    return (
+        f"--resume: {ckpt} holds the optimizer shards of {saved} DeepSpeed processes and this run has {asked}; "
+        f"resume with hardware.num_processes={saved} (or start a new run from {ckpt / 'model'})"
+    )
 
 
 def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool, cluster: Cluster = LOCAL) -> Path:
@@ -234,8 +248,11 @@ def rollout_metrics(episodes: list[Episode]) -> dict[str, float]:
     }
 
 
-def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, console: Console | None = None) -> dict[str, Any]:
-    """Run (or resume) a whole training job; returns the final summary (also saved as summary.json)."""
+def train(
+    recipe: Recipe, *, resume: bool = False, overwrite: bool = False, console: Console | None = None
+) -> dict[str, Any] | None:
+    """Run (or resume) a whole training job; returns the final summary (also saved as summary.json), or None on
+    the processes of a distributed run other than the main one."""
     import torch
 
     from spo_cli.evaluate import evaluate_policy
@@ -309,7 +326,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
         learner = build_learner(
             accelerator, cluster, model, optimizer,
             lambda opt: build_scheduler(opt, total_steps=total_steps, warmup_steps=warmup, kind=optim.lr_scheduler_type),
-            max_grad_norm=optim.max_grad_norm, micro_batch=recipe.train.per_device_train_batch_size,
+            hardware=recipe.hardware, max_grad_norm=optim.max_grad_norm,
+            micro_batch=recipe.train.per_device_train_batch_size,
             accumulation=recipe.train.gradient_accumulation_steps,
         )  # fmt: skip
         if ckpt is not None:
@@ -459,8 +477,9 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
         "eval_after": _strip(after),
         "final_checkpoint": str(latest_checkpoint(run_dir)),
     }
-    if cluster.is_main:
-        save_json(run_dir / "summary.json", summary)
+    if not cluster.is_main:
+        return None
+    save_json(run_dir / "summary.json", summary)
     if before and after:
         for key in ("greedy_accuracy", "sampled_accuracy"):
             if f"eval/{key}" in before:
@@ -634,10 +653,7 @@ def _check_resume_world(state: dict[str, Any], ckpt: Path, cluster: Cluster, acc
     """DeepSpeed's optimizer shards load only into the number of processes that wrote them."""
     saved = int(state.get("world_size", 1))
     if accelerator is not None and accelerator.state.deepspeed_plugin is not None and saved != cluster.world_size:
-        raise SpoUserError(
-            f"--resume: {ckpt} was written by {saved} DeepSpeed processes, this run has {cluster.world_size}; resume "
-            f"with hardware.num_processes={saved} (or start a new run from {ckpt / 'model'})"
-        )
+        raise SpoUserError(_world_mismatch(ckpt, saved, cluster.world_size))
 
 
 def _end_processes() -> None:

@@ -17,6 +17,7 @@ import copy
 import json
 import os
 import random
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -289,20 +290,31 @@ def start_processes(hardware: Hardware, runtime) -> tuple[Any, Cluster]:
     from accelerate import Accelerator, DeepSpeedPlugin
     from accelerate.utils import InitProcessGroupKwargs
 
-    kwargs: dict[str, Any] = {}
+    # The main process runs the supervised warm start alone while the others wait in a barrier: allow it hours,
+    # not the default minutes. A process that dies still ends the run at once (the launcher stops the others).
+    group = InitProcessGroupKwargs(timeout=timedelta(hours=3))
+    kwargs: dict[str, Any] = {"kwargs_handlers": [group]}
     if runtime.device == "cpu":
         # accelerate only picks gloo on a GPU-less machine when told (environment.md section 3).
-        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        group.backend = "gloo"
         if base is None:
             kwargs["cpu"] = True
     if base is not None:
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=copy.deepcopy(base))
+        # No zero3_init: every process builds and loads whole models on its own (the SFT warm start runs on the
+        # main process only, a reference model is a plain copy); DeepSpeed partitions the policy when prepared.
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=copy.deepcopy(base), zero3_init_flag=False)
     accelerator = Accelerator(**kwargs)
+    if base is not None:
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        # Accelerate tells transformers that ZeRO-3 is on, which makes every model built afterwards (the warm start
+        # on the main process alone, a checkpoint, a critic) partition itself collectively as it is created.
+        unset_hf_deepspeed_config()
     return accelerator, current_cluster()
 
 
-def build_learner(accelerator, cluster: Cluster, model, optimizer, schedule, *, max_grad_norm: float, micro_batch: int,
-                  accumulation: int) -> LocalLearner | AccelerateLearner:  # fmt: skip
+def build_learner(accelerator, cluster: Cluster, model, optimizer, schedule, *, hardware: Hardware,
+                  max_grad_norm: float, micro_batch: int, accumulation: int) -> LocalLearner | AccelerateLearner:  # fmt: skip
     """The learner over `model` and `optimizer`; `schedule(optimizer)` builds the learning-rate scheduler on the
     optimizer that really steps (DeepSpeed may replace the one given, e.g. by its CPU Adam when offloading)."""
     if accelerator is None:
@@ -312,8 +324,9 @@ def build_learner(accelerator, cluster: Cluster, model, optimizer, schedule, *, 
         prepared = accelerator.prepare_model(model)
         return AccelerateLearner(accelerator, prepared, optimizer, schedule(optimizer), max_grad_norm, cluster, None)
     dtype = next(model.parameters()).dtype
+    # The config as the run asked for it: accelerate's plugin has filled in its own defaults since.
     filled = fill_deepspeed_config(
-        plugin.deepspeed_config, micro_batch=micro_batch, accumulation=accumulation,
+        deepspeed_base_config(hardware.deepspeed, dict(os.environ)), micro_batch=micro_batch, accumulation=accumulation,
         world_size=cluster.world_size, max_grad_norm=max_grad_norm, bf16=dtype == torch.bfloat16,
     )  # fmt: skip
     plugin.deepspeed_config.clear()
