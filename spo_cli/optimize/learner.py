@@ -300,6 +300,9 @@ def start_processes(hardware: Hardware, runtime) -> tuple[Any, Cluster]:
         if base is None:
             kwargs["cpu"] = True
     if base is not None:
+        # The launch config's DeepSpeed fields are already in `base`; left in the environment, accelerate would
+        # refuse our complete config for shadowing them.
+        env.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
         # No zero3_init: every process builds and loads whole models on its own (the SFT warm start runs on the
         # main process only, a reference model is a plain copy); DeepSpeed partitions the policy when prepared.
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=copy.deepcopy(base), zero3_init_flag=False)

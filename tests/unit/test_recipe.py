@@ -24,7 +24,8 @@ from spo_cli.recipe import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-RECIPES = sorted((REPO / "recipes").glob("**/*.yaml"))
+LAUNCH_CONFIGS = sorted((REPO / "recipes" / "launch").glob("*.yaml"))
+RECIPES = sorted(p for p in (REPO / "recipes").glob("**/*.yaml") if p not in LAUNCH_CONFIGS)
 
 
 def test_recipes_exist():
@@ -37,6 +38,24 @@ def test_every_shipped_recipe_validates_and_round_trips(path):
     recipe = load_recipe(path)
     again = parse_recipe(yaml.safe_load(dump_recipe(recipe)))
     assert again == recipe
+
+
+def test_launch_configs_are_accelerate_configs_a_recipe_accepts():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    assert {p.stem for p in LAUNCH_CONFIGS} == {"single_gpu", "ddp", "zero2", "zero3"}
+    expected = {"single_gpu": ("NO", None), "ddp": ("MULTI_GPU", None), "zero2": ("DEEPSPEED", 2), "zero3": ("DEEPSPEED", 3)}
+    for path in LAUNCH_CONFIGS:
+        config = load_config_from_file(str(path))
+        kind, stage = expected[path.stem]
+        assert config.distributed_type == kind, path.name
+        assert (config.deepspeed_config or {}).get("zero_stage") == stage, path.name
+        assert config.mixed_precision == "no", "precision is the recipe's (hardware.precision)"
+        if stage is not None:
+            assert config.deepspeed_config["zero3_init_flag"] is False, "spo builds whole models"
+        recipe = parse_recipe({"model": {"kind": "tiny"}, "task": {"kind": "arith"},
+                               "hardware": {"accelerate_config": str(path)}})  # fmt: skip
+        assert recipe.hardware.distributed
 
 
 def _write(tmp_path, text: str) -> Path:
