@@ -225,6 +225,9 @@ WarmStartSpec = kind_union(NoWarmStart, Sft, default="none")
 # ---------------------------------------------------------------------------------------- sampling
 
 
+VLLM_MAX_TEMPERATURE = 2.0  # vLLM's SamplingParams refuse hotter sampling
+
+
 class Vllm(Section):
     """The vLLM engine of `sampling.backend: vllm`: one engine per training process, colocated with the trainer on
     its device, whose weights are replaced in place after every optimizer phase (no restart)."""
@@ -831,6 +834,12 @@ class Recipe(Section):
                 )
             if vllm.enable_sleep_mode and self.hardware.device == "cpu":
                 raise ValueError("sampling.vllm.enable_sleep_mode needs CUDA (vLLM has no sleep mode on CPU)")
+            for name, temperature in (("sampling", self.sampling.temperature), ("eval", self.eval.temperature)):
+                if temperature > VLLM_MAX_TEMPERATURE:
+                    raise ValueError(
+                        f"{name}.temperature is {temperature}: vLLM samples at temperatures up to "
+                        f"{VLLM_MAX_TEMPERATURE} (sampling.backend: vllm)"
+                    )
         if isinstance(self.estimator, Group) and self.sampling.num_generations < 2:
             raise ValueError("estimator.kind=group needs sampling.num_generations >= 2 (a group of one has no baseline)")
         if isinstance(self.estimator, SegmentGae) and self.estimator.critic is None and self.sampling.num_generations < 2:

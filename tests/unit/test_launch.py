@@ -116,6 +116,7 @@ def test_bad_hardware_sections_name_the_field(tmp_path, hardware, message):
         ({"backend": "vllm", "vllm": {"enable_sleep_mode": True}}, None, {"device": "cpu"}, "needs CUDA"),
         ({"backend": "vllm", "vllm": {"gpu_memory_utilization": 1.5}}, None, None, "gpu_memory_utilization"),
         ({"backend": "sglang"}, None, None, "sampling.backend"),
+        ({"backend": "vllm", "temperature": 2.5}, None, None, "up to 2.0"),
     ],
 )
 def test_bad_vllm_settings_are_refused(sampling, partitioner, hardware, message):
