@@ -54,10 +54,12 @@ def train(
     from spo_cli.launch import needs_launch, relaunch
 
     if needs_launch(spec.hardware, os.environ):
+        from spo_cli.sample import check_backend_installed
         from spo_cli.train import check_run_dir
 
         # User errors surface here, with exit code 2, not once per launched process.
         check_run_dir(spec, resume, overwrite)
+        check_backend_installed(spec.sampling)
         relaunch(spec.hardware, sys.argv[1:])
     from spo_cli.train import train as run_train
 

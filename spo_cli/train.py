@@ -262,9 +262,10 @@ def train(
     from spo_cli.optimize.schedule import build_scheduler
     from spo_cli.optimize.step import ppo_update, steps_per_iteration
     from spo_cli.estimate.rollout import build_state_values
-    from spo_cli.sample import build_sampler, sampling_params
+    from spo_cli.sample import build_sampler, check_backend_installed, sampling_params
 
     console = console or Console()
+    check_backend_installed(recipe.sampling)
     set_offline_defaults(recipe)
     runtime = resolve_runtime(recipe.hardware)
     # Data problems (a missing file, an unreachable hub) surface before a run directory exists.

