@@ -26,3 +26,13 @@ def tiny_model():
     tokenizer = build_byte_tokenizer()
     spec = TinyModel(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1)
     return build_tiny_model(spec, tokenizer, seed=0).eval(), tokenizer
+
+
+def manual_logprobs(model, completion, temperature: float):
+    """log softmax(logits / T) of each response token of `completion`, by hand from one forward pass of `model`."""
+    import torch
+
+    c = completion
+    with torch.no_grad():
+        logits = model(torch.tensor([c.prompt_token_ids + c.token_ids])).logits[0, len(c.prompt_token_ids) - 1 : -1]
+    return torch.log_softmax(logits / temperature, -1).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]

@@ -12,7 +12,7 @@ import torch
 
 from spo_cli.sample import SamplingParams
 
-from ._common import CPU, needs_vllm, tiny_model
+from ._common import CPU, manual_logprobs, needs_vllm, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +67,7 @@ def test_engine_logprobs_are_log_softmax_at_the_temperature(engine):
     groups = sampler.generate(prompts, SamplingParams(n=3, temperature=0.7, max_new_tokens=16), seed=2)
     for c in (c for g in groups for c in g):
         assert len(c.logprobs) == len(c.token_ids) > 0 and c.entropies == []
-        with torch.no_grad():
-            logits = model(torch.tensor([c.prompt_token_ids + c.token_ids])).logits[0, len(c.prompt_token_ids) - 1 : -1]
-        manual = torch.log_softmax(logits / 0.7, -1).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
-        assert torch.allclose(torch.tensor(c.logprobs), manual, atol=1e-4)
+        assert torch.allclose(torch.tensor(c.logprobs), manual_logprobs(model, c, 0.7), atol=1e-4)
 
 
 @needs_vllm

@@ -15,7 +15,7 @@ from spo_cli.recipe import Sampling
 from spo_cli.sample import SamplingParams, build_sampler, finish_response, new_token_budgets
 from spo_cli.sample.hf import HFSampler
 
-from ._common import CPU, needs_vllm, tiny_model
+from ._common import CPU, manual_logprobs, needs_vllm, tiny_model
 
 PROMPTS = ["Start at 3. Add 4. Result?", "Start at 10. Times 2. Minus 1. Result?", "x"]
 
@@ -89,10 +89,7 @@ def test_policy_logprobs_and_entropies_are_the_policy_forward_pass(engine, top_p
         assert torch.allclose(torch.tensor(c.entropies), torch.tensor(ent), atol=1e-5)
     # The same numbers by hand: full softmax at T whatever top_p (nucleus sampling is not in pi_old).
     c = flat[4]
-    with torch.no_grad():
-        logits = model(torch.tensor([c.prompt_token_ids + c.token_ids])).logits[0, len(c.prompt_token_ids) - 1 : -1]
-    manual = torch.log_softmax(logits / 0.7, -1).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
-    assert torch.allclose(torch.tensor(c.logprobs), manual, atol=1e-5)
+    assert torch.allclose(torch.tensor(c.logprobs), manual_logprobs(model, c, 0.7), atol=1e-5)
 
 
 @needs_vllm
