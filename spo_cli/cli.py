@@ -60,7 +60,8 @@ def train(
         # User errors surface here, with exit code 2, not once per launched process.
         check_run_dir(spec, resume, overwrite)
         check_backend_installed(spec.sampling)
-        relaunch(spec.hardware, sys.argv[1:])
+        flags = ["--resume"] * resume + ["--overwrite"] * overwrite
+        relaunch(spec.hardware, ["train", str(recipe), *(overrides or []), *flags])
     from spo_cli.train import train as run_train
 
     summary = run_train(spec, resume=resume, overwrite=overwrite)

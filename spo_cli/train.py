@@ -273,7 +273,7 @@ def train(
     # Grader worker processes, log writers and the process group are released however the run ends.
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(task.close)
-        accelerator, cluster = start_processes(recipe.hardware, runtime)
+        accelerator, cluster, deepspeed_config = start_processes(recipe.hardware, runtime)
         if accelerator is not None:
             cleanup.callback(_end_processes)
         if not cluster.is_main:
@@ -327,7 +327,7 @@ def train(
         learner = build_learner(
             accelerator, cluster, model, optimizer,
             lambda opt: build_scheduler(opt, total_steps=total_steps, warmup_steps=warmup, kind=optim.lr_scheduler_type),
-            hardware=recipe.hardware, max_grad_norm=optim.max_grad_norm,
+            deepspeed_config=deepspeed_config, max_grad_norm=optim.max_grad_norm,
             micro_batch=recipe.train.per_device_train_batch_size,
             accumulation=recipe.train.gradient_accumulation_steps,
         )  # fmt: skip

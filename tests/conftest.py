@@ -76,5 +76,14 @@ def tiny_policy():
     return model, tokenizer
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (the rendezvous of a multi-process test run)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def requires_shared_data(*parts: str):
     return pytest.mark.skipif(not DATA.joinpath(*parts).exists(), reason=f"{DATA.joinpath(*parts)} not present")

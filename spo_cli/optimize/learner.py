@@ -46,6 +46,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def write_optimizer_file(directory: Path, optimizer, scheduler) -> None:
+    """`optimizer.pt`: the optimizer's state (None: DeepSpeed keeps it in its own shards), the schedule and RNG."""
+    state = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    torch.save(state, directory / OPTIMIZER_FILE)
+
+
+def read_optimizer_file(directory: Path, optimizer, scheduler) -> None:
+    """Restore what `write_optimizer_file` wrote into `optimizer` (unless None), `scheduler` and the RNG."""
+    state = torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+
+
 class LocalLearner:
     """One process, plain PyTorch: backward accumulates, step clips, steps the optimizer and the schedule."""
 
@@ -79,16 +96,10 @@ class LocalLearner:
         """Nothing to do: inference runs the trained module itself."""
 
     def save_state(self, directory: Path) -> None:
-        torch.save(
-            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng_state()},
-            directory / OPTIMIZER_FILE,
-        )
+        write_optimizer_file(directory, self.optimizer, self.scheduler)
 
     def load_state(self, directory: Path) -> None:
-        state = torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        read_optimizer_file(directory, self.optimizer, self.scheduler)
 
 
 class AccelerateLearner:
@@ -164,13 +175,9 @@ class AccelerateLearner:
         if self.deepspeed:
             self.model.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=_DEEPSPEED_TAG, save_latest=False)
         if self.cluster.is_main:
-            state = {"scheduler": self.scheduler.state_dict(), "rng": rng_state()}
-            if not self.deepspeed:
-                state["optimizer"] = self.optimizer.state_dict()
-            torch.save(state, directory / OPTIMIZER_FILE)
+            write_optimizer_file(directory, None if self.deepspeed else self.optimizer, self.scheduler)
 
     def load_state(self, directory: Path) -> None:
-        state = torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
         if self.deepspeed:
             if not (directory / DEEPSPEED_DIR).is_dir():
                 raise SpoUserError(f"--resume: {directory} has no {DEEPSPEED_DIR}/: it was not written under DeepSpeed")
@@ -181,10 +188,7 @@ class AccelerateLearner:
             if path is None:
                 raise SpoUserError(f"--resume: DeepSpeed could not load {directory / DEEPSPEED_DIR}")
             self.refresh_inference_model()
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        read_optimizer_file(directory, None if self.deepspeed else self.optimizer, self.scheduler)
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -266,9 +270,9 @@ def fill_deepspeed_config(
     return config
 
 
-def start_processes(hardware: Hardware, runtime) -> tuple[Any, Cluster]:
-    """The Accelerator of a distributed run (it initialises torch.distributed) and this process's cluster view, or
-    (None, LOCAL) for a single plain process.
+def start_processes(hardware: Hardware, runtime) -> tuple[Any, Cluster, dict[str, Any] | None]:
+    """The Accelerator of a distributed run (it initialises torch.distributed), this process's cluster view and the
+    DeepSpeed config the run asked for (None without DeepSpeed); or (None, LOCAL, None) for a single plain process.
 
     A run is distributed when the launcher started several processes (WORLD_SIZE > 1) or the recipe or the
     accelerate config asks for DeepSpeed; a one-process DeepSpeed run gets a one-process group here.
@@ -282,7 +286,7 @@ def start_processes(hardware: Hardware, runtime) -> tuple[Any, Cluster]:
                 f"hardware.num_processes is {hardware.num_processes} with launcher none, but no launcher started this "
                 "process (WORLD_SIZE is not set): start it with torchrun/srun, or set hardware.launcher"
             )
-        return None, LOCAL
+        return None, LOCAL, None
     if world <= 1:
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
             env.setdefault(key, value)
@@ -313,13 +317,15 @@ def start_processes(hardware: Hardware, runtime) -> tuple[Any, Cluster]:
         # Accelerate tells transformers that ZeRO-3 is on, which makes every model built afterwards (the warm start
         # on the main process alone, a checkpoint, a critic) partition itself collectively as it is created.
         unset_hf_deepspeed_config()
-    return accelerator, current_cluster()
+    return accelerator, current_cluster(), base
 
 
-def build_learner(accelerator, cluster: Cluster, model, optimizer, schedule, *, hardware: Hardware,
+def build_learner(accelerator, cluster: Cluster, model, optimizer, schedule, *, deepspeed_config: dict[str, Any] | None,
                   max_grad_norm: float, micro_batch: int, accumulation: int) -> LocalLearner | AccelerateLearner:  # fmt: skip
     """The learner over `model` and `optimizer`; `schedule(optimizer)` builds the learning-rate scheduler on the
-    optimizer that really steps (DeepSpeed may replace the one given, e.g. by its CPU Adam when offloading)."""
+    optimizer that really steps (DeepSpeed may replace the one given, e.g. by its CPU Adam when offloading).
+    `deepspeed_config` is `start_processes`'s: the config as the run asked for it, before accelerate's plugin added
+    its own defaults."""
     if accelerator is None:
         return LocalLearner(model, optimizer, schedule(optimizer), max_grad_norm)
     plugin = accelerator.state.deepspeed_plugin
@@ -327,9 +333,8 @@ def build_learner(accelerator, cluster: Cluster, model, optimizer, schedule, *, 
         prepared = accelerator.prepare_model(model)
         return AccelerateLearner(accelerator, prepared, optimizer, schedule(optimizer), max_grad_norm, cluster, None)
     dtype = next(model.parameters()).dtype
-    # The config as the run asked for it: accelerate's plugin has filled in its own defaults since.
     filled = fill_deepspeed_config(
-        deepspeed_base_config(hardware.deepspeed, dict(os.environ)), micro_batch=micro_batch, accumulation=accumulation,
+        deepspeed_config, micro_batch=micro_batch, accumulation=accumulation,
         world_size=cluster.world_size, max_grad_norm=max_grad_norm, bf16=dtype == torch.bfloat16,
     )  # fmt: skip
     plugin.deepspeed_config.clear()

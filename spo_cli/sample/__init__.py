@@ -68,6 +68,11 @@ class Sampler(Protocol):
         ...
 
 
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Prompt token ids as every backend encodes them (with the tokenizer's special tokens, e.g. a BOS)."""
+    return [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+
+
 def finish_response(tokenizer, tokens: Sequence[int], params: SamplingParams) -> tuple[list[int], str, str]:
     """Cut raw generated tokens at EOS or a stop string: (response ids, text, finish_reason).
 

@@ -14,7 +14,7 @@ from dataclasses import replace
 import torch
 
 from spo_cli.hardware import Runtime
-from spo_cli.sample import Completion, SamplingParams, finish_response, new_token_budgets
+from spo_cli.sample import Completion, SamplingParams, encode_prompts, finish_response, new_token_budgets
 from spo_cli.tasks import derive_seed
 
 
@@ -29,7 +29,7 @@ class HFSampler:
         self.shared_prefill = shared_prefill  # False: generate's own n-fold prefill (the naive baseline)
 
     def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
-        return [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+        return encode_prompts(self.tokenizer, prompts)
 
     def generate(
         self, prompts: Sequence[str], params: SamplingParams, seed: int, offset: int = 0

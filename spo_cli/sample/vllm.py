@@ -29,7 +29,14 @@ import torch
 from spo_cli.errors import SpoUserError
 from spo_cli.hardware import Runtime
 from spo_cli.recipe import VLLM_MAX_TEMPERATURE
-from spo_cli.sample import VLLM_INSTALL_HINT, Completion, SamplingParams, finish_response, new_token_budgets
+from spo_cli.sample import (
+    VLLM_INSTALL_HINT,
+    Completion,
+    SamplingParams,
+    encode_prompts,
+    finish_response,
+    new_token_budgets,
+)
 from spo_cli.tasks import derive_seed
 
 if TYPE_CHECKING:
@@ -177,7 +184,7 @@ class VLLMSampler:
     # ------------------------------------------------------------------------------------------------ protocol
 
     def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
-        return [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+        return encode_prompts(self.tokenizer, prompts)
 
     def generate(
         self, prompts: Sequence[str], params: SamplingParams, seed: int, offset: int = 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import REPO, tiny_recipe_dict, write_recipe
+from ..conftest import REPO, free_port, tiny_recipe_dict, write_recipe
 
 # One-operation problems, a longer warm start and a KL term: every iteration trains (kl > 0 moves every episode).
 SECTIONS = dict(
@@ -30,12 +29,6 @@ SECTIONS = dict(
     loss={"beta": 0.01},
 )
 COMPARED = ["reward", "accuracy", "policy_loss", "grad_norm", "entropy", "kl", "clip_ratio", "learning_rate"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def recipe(tmp: Path, name: str, hardware: dict | None = None) -> Path:

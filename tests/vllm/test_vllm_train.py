@@ -57,8 +57,7 @@ def test_two_processes_with_vllm_train_like_one(tmp_path):
 
     import pytest
 
-    from ..conftest import REPO, write_recipe
-    from ..integration.test_distributed import free_port
+    from ..conftest import REPO, free_port, write_recipe
 
     sections = dict(
         warm_start={"steps": 150},
