@@ -470,6 +470,9 @@ def train(
         if recipe.eval.after_training and eval_problems:
             after = _read_json(run_dir / "eval_after.json") if start > recipe.train.iterations else None
             after = after or run_eval("after", recipe.train.iterations)
+        # No process leaves the group while another may still be in a collective (a process that tears its gloo
+        # group down early can abort at exit). Only on success: after an error the launcher stops the others.
+        cluster.barrier()
     summary = {
         "run_dir": str(run_dir),
         "iterations": recipe.train.iterations,
