@@ -225,6 +225,129 @@ def estimate_values(
     typer.echo(f"wrote {int(stats.pop('episodes'))} episodes to {output}" + "".join(f"  {k} {v:g}" for k, v in stats.items()))
 
 
+@app.command("eval")
+def eval_command(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    context: Annotated[
+        str | None,
+        typer.Option(
+            "--context",
+            help="Generation budgets (new tokens), comma-separated: 2k,4k,32k or 4096. A budget over the model's context "
+            "is clipped to it, with a warning. Default: eval.max_completion_length, else sampling.max_completion_length.",
+        ),
+    ] = None,
+    datasets: Annotated[
+        str,
+        typer.Option(
+            "--datasets",
+            help="Comma-separated: `task` (the recipe's held-out problems), gsm8k, math500, aime24, math, or NAME=PATH.jsonl "
+            "(a local file in that benchmark's format). Benchmarks come from --data-dir, else the Hugging Face Hub.",
+        ),
+    ] = "task",
+    checkpoint: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--checkpoint",
+            help="A model directory, a checkpoint (<run_dir>/checkpoints/iter_N) or a run directory (its latest "
+            "checkpoint); repeat it for a table with a column per checkpoint. Default: the recipe run's latest "
+            "checkpoint, else its warm start, else the recipe's model.",
+        ),
+    ] = None,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Completions per problem (K): reports avg@K, pass@K, maj@K.")] = 1,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature (open-r1's long-CoT default).")] = 0.6,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling (open-r1's long-CoT default).")] = 0.95,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Greedy decoding (temperature 0, one completion per problem).")] = False,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="Directory holding <benchmark>/test.jsonl files (default: $SPO_DATA_DIR), e.g. ../shared/data."),
+    ] = None,
+    max_problems: Annotated[int | None, typer.Option("--max-problems", min=1, help="Evaluate the first N problems of each set.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output directory; default <run_dir>/eval.")] = None,
+    chunk_size: Annotated[
+        int, typer.Option("--chunk-size", min=1, help="Problems sampled and saved together: the unit an interrupted eval resumes at.")
+    ] = 32,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo results already in the output directory.")] = False,
+) -> None:
+    """Accuracy on held-out problems and benchmarks at several generation budgets (the paper's Table 1).
+
+    Every completion is saved (prompt, response, extracted answer, correct) in the output directory, with a JSON
+    result per checkpoint, set and budget, results.json and table.md. An interrupted eval resumes where it stopped.
+    """
+    from spo_cli.evaluate.benchmarks import parse_dataset_names
+    from spo_cli.evaluate.metrics import parse_contexts
+
+    if greedy and samples > 1:
+        raise SpoUserError("--greedy with --samples > 1 would repeat one completion; drop one of them")
+    if not greedy and temperature == 0 and samples > 1:
+        raise SpoUserError("--temperature 0 is greedy decoding: --samples must be 1")
+    if not greedy and top_p == 0:
+        raise SpoUserError("--top-p must be above 0")
+    entries = parse_dataset_names(datasets)
+    spec = _load(recipe, overrides)
+    try:
+        budgets = parse_contexts(context) if context else [spec.eval.max_completion_length or spec.sampling.max_completion_length]
+    except ValueError as exc:
+        raise SpoUserError(f"--context: {exc}") from None
+    from spo_cli.evaluate.benchmarks import build_eval_sets
+    from spo_cli.evaluate.runner import EvalSettings, evaluate_checkpoints, print_table, resolve_checkpoints
+    from spo_cli.train import set_offline_defaults
+
+    checkpoints = resolve_checkpoints(spec, checkpoint or [])
+    settings = EvalSettings(
+        temperature=0.0 if greedy else temperature,
+        top_p=1.0 if greedy or temperature == 0 else top_p,
+        samples=samples,
+        seed=spec.run.seed,
+        chunk_size=chunk_size,
+    )
+    sets = build_eval_sets(spec, entries, data_dir, max_problems)
+    # After the data: a benchmark named without --data-dir comes from the Hub even when the recipe's own data does not.
+    set_offline_defaults(spec)
+    try:
+        rows = evaluate_checkpoints(
+            spec, checkpoints, sets, budgets, settings, out or spec.run.run_dir / "eval",
+            lambda message: typer.echo(message, err=True), overwrite,
+        )
+    finally:
+        for s in sets:
+            s.close()
+    print_table(rows)
+
+
+@app.command()
+def report(
+    runs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Run directories, or LABEL=RUN_DIR: runs sharing a label (seeds of one method) are drawn as a mean with a "
+            "min-max band.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[Path | None, typer.Option("--out", help="Output directory; default <RUN_DIR>/report for one run, else ./report.")] = None,
+    iteration: Annotated[
+        int | None, typer.Option("--iteration", min=1, help="Show the episodes of this iteration; default the last saved.")
+    ] = None,
+    episodes: Annotated[int, typer.Option("--episodes", min=0, help="Responses shown per run in the credit-assignment view.")] = 4,
+    low_prob: Annotated[
+        float | None,
+        typer.Option(
+            "--low-prob", min=0.0, max=1.0,
+            help="Mark tokens sampled with probability below this; default the run's cutpoint rho (SPO-chain), else 0.5.",
+        ),
+    ] = None,  # fmt: skip
+    smooth: Annotated[int, typer.Option("--smooth", min=0, help="Moving-average window of the reward curves; 0 = a twentieth of the run.")] = 0,
+) -> None:
+    """Plots of held-out accuracy and reward against iteration and wall time (curves.png) and a self-contained
+    report.html with them and sampled responses coloured by advantage (the paper's credit-assignment view)."""
+    from spo_cli.report import parse_run_args, write_report
+
+    parsed = parse_run_args(runs)
+    out_dir = out or (parsed[0][1] / "report" if len(parsed) == 1 else Path("report"))
+    write_report(parsed, out_dir, iteration=iteration, episodes_per_run=episodes, low_prob=low_prob, smooth=smooth, log=typer.echo)
+
+
 @recipe_app.command("check")
 def recipe_check(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe files to validate.", show_default=False)],

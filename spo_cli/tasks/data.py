@@ -131,11 +131,11 @@ def load_hub_records(
     except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError...)
         if online:
             raise SpoUserError(
-                f"could not load dataset '{dataset_name}' (recipe field `{field}`): {type(e).__name__}: {e}; "
+                f"could not load dataset '{dataset_name}' (from `{field}`): {type(e).__name__}: {e}; "
                 f"a local JSONL file also works, e.g. `{local_hint}`"
             ) from None
         raise SpoUserError(
-            f"cannot reach the Hugging Face Hub to load dataset '{dataset_name}' (recipe field `{field}`); "
+            f"cannot reach the Hugging Face Hub to load dataset '{dataset_name}' (from `{field}`); "
             f"use a local JSONL file instead, e.g. `{local_hint}` ({reason}; not in the local HF cache)"
         ) from None
     return dataset.to_list()

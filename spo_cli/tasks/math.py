@@ -137,6 +137,30 @@ def _grade_one_safe(response: str, gold: str, timeout: int | None) -> float:
         return 0.0
 
 
+def _grade_extract(response: str, gold: str, timeout: int | None) -> tuple[float, str | None, str | None]:
+    """(score, the answer as written, a canonical form for majority voting) of one response."""
+    from math_verify import parse, verify
+
+    gold_parsed = list(_parse_gold(gold, timeout))
+    pred_parsed = parse(response, extraction_config=_extraction_configs()[1], parsing_timeout=timeout)
+    ok = verify(gold_parsed, pred_parsed, float_rounding=FLOAT_ROUNDING, timeout_seconds=timeout)
+    if not pred_parsed:
+        return (1.0 if ok else 0.0), None, None
+    # parse() returns [sympy object, its LaTeX]: the sympy form makes 1/2 and \frac{1}{2} one vote. Its LaTeX is
+    # normalised (0.5 comes back as \frac{1}{2}), so a boxed answer is shown as the response wrote it.
+    written = last_boxed(response) or str(pred_parsed[-1])
+    return (1.0 if ok else 0.0), written, str(pred_parsed[0])
+
+
+def _grade_extract_safe(response: str, gold: str, timeout: int | None) -> tuple[float, str | None, str | None]:
+    from math_verify.errors import TimeoutException
+
+    try:
+        return _grade_extract(response, gold, timeout)
+    except (Exception, TimeoutException):
+        return 0.0, None, None
+
+
 def _worker_init() -> None:
     # Pay math-verify's import (~0.5 s, sympy) and regex compilation once per worker, not per item.
     from math_verify import parse
@@ -217,11 +241,11 @@ class MathGrader:
             _kill_pool(pool)
 
     def _grade_batch(
-        self, indices: list[int], responses: list[str], golds: list[str], scores: list[float]
+        self, work, indices: list[int], responses: list[str], golds: list[str], scores: list
     ) -> tuple[list[int], bool]:
-        """Grade `indices` into `scores`; return (indices left to retry, whether a worker died)."""
+        """Grade `indices` into `scores` with `work`; return (indices left to retry, whether a worker died)."""
         pool = self._get_pool()
-        futures = [pool.submit(_grade_one_safe, responses[i], golds[i], self.timeout) for i in indices]
+        futures = [pool.submit(work, responses[i], golds[i], self.timeout) for i in indices]
         for pos, (i, future) in enumerate(zip(indices, futures)):
             try:
                 scores[i] = future.result(timeout=self.backstop_s)
@@ -235,15 +259,26 @@ class MathGrader:
 
     def grade(self, responses: list[str], golds: list[str]) -> list[float]:
         """Scores (1.0 / 0.0) of responses[i] against golds[i]; golds are answer strings (not solutions)."""
+        return self._run(_grade_one_safe, 0.0, responses, golds)
+
+    def grade_and_extract(
+        self, responses: list[str], golds: list[str]
+    ) -> list[tuple[float, str | None, str | None]]:
+        """(score, extracted answer as written, canonical answer) of each response; answers are None where
+        math-verify finds none. The canonical form (sympy's) is what majority voting compares."""
+        return self._run(_grade_extract_safe, (0.0, None, None), responses, golds)
+
+    def _run(self, work, failed, responses: list[str], golds: list[str]) -> list:
+        # An item that times out or kills its worker keeps `failed`.
         if len(responses) != len(golds):
             raise ValueError(f"{len(responses)} responses but {len(golds)} golds")
-        scores = [0.0] * len(responses)
+        scores = [failed] * len(responses)
         with self._lock:
             todo = list(range(len(responses)))
             one_at_a_time = False
             while todo:
                 batch, rest = (todo[:1], todo[1:]) if one_at_a_time else (todo, [])
-                left, crashed = self._grade_batch(batch, responses, golds, scores)
+                left, crashed = self._grade_batch(work, batch, responses, golds, scores)
                 if crashed and one_at_a_time:
                     left = []  # that lone item killed its worker: it keeps 0.0
                 one_at_a_time = one_at_a_time or crashed

@@ -1,4 +1,8 @@
-"""Held-out accuracy of the current policy on a task's test problems (greedy and sampled)."""
+"""Evaluation. This module: held-out accuracy of the policy during training (greedy and sampled).
+
+`spo eval` lives beside it: `metrics` (budgets, pass@k, majority vote), `benchmarks` (the sets and their
+graders) and `runner` (checkpoints x budgets x sets, resumable).
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,140 @@
+"""`spo report`: learning curves of several runs (curves.png) and one self-contained page (report.html) with those
+curves, a summary table and the credit-assignment view of sampled responses."""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import yaml
+
+from spo_cli.errors import SpoUserError
+from spo_cli.fsutil import atomic_write_text
+from spo_cli.report.credit import CSS, credit_section, pick_episodes
+from spo_cli.report.curves import RunCurves, plot_curves, read_curves
+
+
+def parse_run_args(args: Sequence[str]) -> list[tuple[str, Path]]:
+    """RUN_DIR or LABEL=RUN_DIR; runs sharing a label are seeds of one method (drawn as mean and band).
+    A bare directory is labelled by its name, with its parent's name prepended when two names clash."""
+    runs = []
+    for arg in args:
+        label, sep, path = arg.partition("=")
+        runs.append((label if sep else None, Path(path if sep else arg)))
+    names = [p.name for label, p in runs if label is None]
+    out = []
+    for label, path in runs:
+        if not path.is_dir():
+            raise SpoUserError(f"{path}: no such run directory")
+        if label is None:
+            label = path.name if names.count(path.name) == 1 else f"{path.parent.name}/{path.name}"
+        out.append((label, path))
+    return out
+
+
+def write_report(
+    runs: Sequence[tuple[str, Path]],
+    out_dir: Path,
+    *,
+    iteration: int | None = None,
+    episodes_per_run: int = 4,
+    low_prob: float | None = None,
+    smooth: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict[str, Path]:
+    """curves.png and report.html in `out_dir`; returns their paths."""
+    groups: dict[str, list[RunCurves]] = {}
+    for label, run_dir in runs:
+        groups.setdefault(label, []).append(read_curves(run_dir, label))
+    curves_png = out_dir / "curves.png"
+    plot_curves(groups, curves_png, smooth=smooth)
+    log(f"wrote {curves_png}")
+    sections = []
+    for label, run_dir in runs:
+        sections.append(_credit_for_run(label, run_dir, iteration, episodes_per_run, low_prob))
+    image = base64.b64encode(curves_png.read_bytes()).decode()
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>spo report</title>"
+        f"<style>{CSS}</style></head><body><h1>spo report</h1>"
+        f"{_summary_table(groups)}"
+        f"<img alt='learning curves' style='max-width: 100%' src='data:image/png;base64,{image}'>"
+        "<h1>Credit assignment</h1><p class='meta'>Sampled responses as they were trained: each token coloured by its "
+        "advantage, bars at segment starts, underlined tokens had low probability under the sampling policy.</p>"
+        f"{''.join(sections)}</body></html>\n"
+    )
+    report_html = out_dir / "report.html"
+    atomic_write_text(report_html, page)
+    log(f"wrote {report_html}")
+    return {"curves": curves_png, "html": report_html}
+
+
+def _summary_table(groups: dict[str, list[RunCurves]]) -> str:
+    rows = []
+    for label, runs in groups.items():
+        for c in runs:
+            first = f"{c.accuracy.values[0]:.3f}" if c.accuracy.values else ""
+            last = f"{c.accuracy.values[-1]:.3f}" if c.accuracy.values else ""
+            iters = int(c.reward.iterations[-1]) if c.reward.iterations else 0
+            seconds = f"{c.reward.seconds[-1]:.0f}" if c.reward.seconds else ""
+            rows.append(
+                f"<tr><td style='text-align:left'>{html.escape(label)}</td><td style='text-align:left'>{html.escape(str(c.run_dir))}</td>"
+                f"<td>{iters}</td><td>{seconds}</td><td>{first}</td><td>{last}</td></tr>"
+            )
+    return (
+        "<table><tr><th>run</th><th>directory</th><th>iterations</th><th>wall time (s)</th>"
+        "<th>held-out accuracy, first</th><th>last</th></tr>" + "".join(rows) + "</table>"
+    )
+
+
+def _credit_for_run(label: str, run_dir: Path, iteration: int | None, count: int, low_prob: float | None) -> str:
+    from spo_cli.episode import read_episodes
+
+    files = sorted((run_dir / "episodes").glob("iter_*.jsonl"))
+    if iteration is not None:
+        files = [f for f in files if f.name == f"iter_{iteration:06d}.jsonl"]
+    if not files:
+        what = f"iteration {iteration}" if iteration is not None else "any iteration"
+        return f"<h2>{html.escape(label)}</h2><p>no saved episodes for {what} in {html.escape(str(run_dir / 'episodes'))}</p>"
+    path = files[-1]
+    episodes = pick_episodes(read_episodes(path), count)
+    recipe = _resolved_recipe(run_dir)
+    threshold = low_prob if low_prob is not None else _default_low_prob(recipe)
+    title = f"{label}: {path.name.removesuffix('.jsonl').replace('_', ' ')} ({run_dir})"
+    return credit_section(title, episodes, _tokenizer(run_dir, recipe), threshold)
+
+
+def _resolved_recipe(run_dir: Path) -> dict:
+    path = run_dir / "recipe.resolved.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpoUserError(f"{path}: not valid YAML ({exc})") from None
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _default_low_prob(recipe: dict) -> float:
+    """SPO-chain's cutpoint threshold rho when the run used it (its cutpoints are exactly such tokens), else 0.5."""
+    partitioner = recipe.get("partitioner") or {}
+    if partitioner.get("kind") == "cutpoint":
+        return float(partitioner.get("rho", 0.9))
+    return 0.5
+
+
+def _tokenizer(run_dir: Path, recipe: dict):
+    from spo_cli.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    for candidate in ([ckpt / "model"] if ckpt else []) + [run_dir / "warm_start"]:
+        if (candidate / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(candidate, local_files_only=True)
+    if (recipe.get("model") or {}).get("kind") == "tiny":
+        from spo_cli.models import build_byte_tokenizer
+
+        return build_byte_tokenizer()
+    raise SpoUserError(f"{run_dir}: no tokenizer to decode its episodes (no checkpoint or warm_start directory)")
