@@ -338,14 +338,21 @@ def report(
         ),
     ] = None,  # fmt: skip
     smooth: Annotated[int, typer.Option("--smooth", min=0, help="Moving-average window of the reward curves; 0 = a twentieth of the run.")] = 0,
+    accuracy: Annotated[
+        str | None,
+        typer.Option("--accuracy", help="Held-out accuracy to plot: greedy or sampled; default greedy where a run has it."),
+    ] = None,
 ) -> None:
     """Plots of held-out accuracy and reward against iteration and wall time (curves.png) and a self-contained
     report.html with them and sampled responses coloured by advantage (the paper's credit-assignment view)."""
     from spo_cli.report import parse_run_args, write_report
 
+    if accuracy not in (None, "greedy", "sampled"):
+        raise SpoUserError(f"--accuracy: {accuracy!r} is neither greedy nor sampled")
     parsed = parse_run_args(runs)
     out_dir = out or (parsed[0][1] / "report" if len(parsed) == 1 else Path("report"))
-    write_report(parsed, out_dir, iteration=iteration, episodes_per_run=episodes, low_prob=low_prob, smooth=smooth, log=typer.echo)
+    write_report(parsed, out_dir, iteration=iteration, episodes_per_run=episodes, low_prob=low_prob, smooth=smooth,
+                 accuracy=accuracy, log=typer.echo)
 
 
 @recipe_app.command("check")

@@ -42,12 +42,14 @@ def write_report(
     episodes_per_run: int = 4,
     low_prob: float | None = None,
     smooth: int = 0,
+    accuracy: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Path]:
-    """curves.png and report.html in `out_dir`; returns their paths."""
+    """curves.png and report.html in `out_dir`; returns their paths. `accuracy`: "greedy" or "sampled" held-out
+    accuracy (default greedy where a run has it)."""
     groups: dict[str, list[RunCurves]] = {}
     for label, run_dir in runs:
-        groups.setdefault(label, []).append(read_curves(run_dir, label))
+        groups.setdefault(label, []).append(read_curves(run_dir, label, accuracy))
     curves_png = out_dir / "curves.png"
     plot_curves(groups, curves_png, smooth=smooth)
     log(f"wrote {curves_png}")

@@ -35,8 +35,10 @@ class RunCurves:
     accuracy_key: str | None  # which eval metric `accuracy` holds, None without evaluations
 
 
-def read_curves(run_dir: Path, label: str) -> RunCurves:
+def read_curves(run_dir: Path, label: str, accuracy: str | None = None) -> RunCurves:
     """The curves of one run directory (metrics.jsonl, eval_before.json, eval_after.json).
+
+    `accuracy` picks the held-out metric ("greedy" or "sampled"); default greedy where the run has it.
 
     Wall time is the sum of the iterations' own times (sampling, estimating, optimizing), so evaluations,
     checkpoints and time lost to a crash before a resume do not count. Raises SpoUserError for a directory
@@ -69,7 +71,8 @@ def read_curves(run_dir: Path, label: str) -> RunCurves:
     for r in records:
         if any(k in r for k in ACCURACY_KEYS):
             points[int(r["iteration"])] = r
-    key = next((k for k in ACCURACY_KEYS if any(k in p for p in points.values())), None)
+    keys = ACCURACY_KEYS if accuracy is None else (f"eval/{accuracy}_accuracy",)
+    key = next((k for k in keys if any(k in p for p in points.values())), None)
     accuracy = Series()
     for it in sorted(points):
         if key in points[it] and it in elapsed:

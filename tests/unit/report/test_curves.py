@@ -40,6 +40,8 @@ def test_read_curves_puts_evaluations_on_the_iteration_and_wall_clock_axes(tmp_p
     assert curves.accuracy.iterations == [0, 2, 3]
     assert curves.accuracy.seconds == [0.0, 5.0, 6.0]
     assert curves.accuracy.values == [0.2, 0.4, 0.5]
+    sampled = read_curves(run, "a", accuracy="sampled")
+    assert sampled.accuracy_key == "eval/sampled_accuracy" and sampled.accuracy.iterations == [2]
 
 
 def test_read_curves_falls_back_to_sampled_accuracy_and_rejects_a_non_run(tmp_path):
