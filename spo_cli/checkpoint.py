@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from spo_cli.errors import SpoError
+from spo_cli.faults import crash_point
 from spo_cli.fsutil import atomic_write_json, atomic_write_text, publish_dir
 from spo_cli.models import save_model
 
@@ -53,17 +55,28 @@ def save_checkpoint(
     cluster.barrier()
     learner.save_state(staging)
     if cluster.is_main:
-        save_model(learner.inference_model, tokenizer, staging / "model")
-        for write in extra_writers:
-            write(staging)
-        (staging / "trainer_state.json").write_text(
-            json.dumps({**trainer_state, "iteration": iteration, "world_size": cluster.world_size}, indent=2)
-        )
+        try:
+            save_model(learner.inference_model, tokenizer, staging / "model")
+            crash_point("checkpoint", iteration)
+            for write in extra_writers:
+                write(staging)
+            (staging / "trainer_state.json").write_text(
+                json.dumps({**trainer_state, "iteration": iteration, "world_size": cluster.world_size}, indent=2)
+            )
+        except OSError as exc:  # e.g. a full disk: the half-written directory is never published
+            shutil.rmtree(staging, ignore_errors=True)
+            previous = latest_checkpoint(run_dir)
+            kept = f"the last good checkpoint, {previous.name}, is intact" if previous else "no earlier checkpoint exists"
+            raise SpoError(
+                f"could not write checkpoint {name} in {root}: {exc.strerror or exc}; {kept}: free the space and "
+                "continue with `spo train RECIPE --resume`"
+            ) from exc
     # Every process's shard must be on disk before the directory is published.
     cluster.barrier()
     final = root / name
     if cluster.is_main:
         publish_dir(staging, final)
+        crash_point("publish", iteration)
         atomic_write_text(root / "latest", name + "\n")
         if keep is not None:
             for old in list_checkpoints(run_dir)[:-keep]:

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from spo_cli.errors import SpoUserError
+from spo_cli.errors import SpoError, SpoUserError
 
 app = typer.Typer(
     name="spo",
@@ -395,7 +395,7 @@ def main() -> None:
         # Without standalone mode click returns the code of a typer.Exit instead of exiting.
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
-    except SpoUserError as exc:
+    except SpoError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:

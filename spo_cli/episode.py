@@ -137,8 +137,14 @@ def iter_jsonl(path: str | Path, what: str = "file") -> Iterator[tuple[int, Any]
     path = Path(path)
     if not path.is_file():
         raise SpoUserError(f"{what} not found: {path}")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise SpoUserError(
+                    f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -164,7 +170,12 @@ def iter_episodes(path: str | Path) -> Iterator[Episode]:
 
 
 def read_episodes(path: str | Path) -> list[Episode]:
-    return list(iter_episodes(path))
+    """All episodes of a JSONL file; an empty file is an error (a stage given nothing to work on was given the
+    wrong file)."""
+    episodes = list(iter_episodes(path))
+    if not episodes:
+        raise SpoUserError(f"{path}: no episodes (the file is empty)")
+    return episodes
 
 
 def write_episodes(path: str | Path, episodes: Iterable[Episode]) -> None:

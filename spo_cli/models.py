@@ -115,10 +115,13 @@ def load_pretrained(spec: PretrainedModel, field: str = "model.name_or_path") ->
             attn_implementation=spec.attn_implementation,
             **kwargs,
         )
-    except OSError as exc:
-        if offline:
+    except (OSError, ValueError) as exc:
+        if offline and isinstance(exc, OSError):
             raise SpoUserError(_offline_hint(name, field)) from None
-        raise SpoUserError(f"`{field}`: cannot load {name!r}: {exc}") from None
+        hint = ""
+        if "trust_remote_code" in str(exc) and not spec.trust_remote_code:
+            hint = " (the model ships its own code, which runs only with `model.trust_remote_code: true`)"
+        raise SpoUserError(f"`{field}`: cannot load {name!r}{hint}: {str(exc).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -143,11 +146,17 @@ def load_backbone(name_or_path: str, field: str, dtype) -> PreTrainedModel:
 
 
 def load_checkpoint(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a model + tokenizer that spo saved (Hugging Face format)."""
+    """Load a model + tokenizer that spo saved (Hugging Face format, safetensors weights).
+
+    Only safetensors weights are read (spo writes no others): a pickled `pytorch_model.bin` is never unpickled.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype="auto")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype="auto", use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        raise SpoUserError(f"{path}: not a model directory spo wrote: {str(exc).splitlines()[0]}") from None
     return model, tokenizer
 
 

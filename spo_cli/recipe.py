@@ -74,6 +74,14 @@ class PretrainedModel(Section):
         None, description="transformers attention backend (e.g. sdpa, flash_attention_2); default: transformers' choice."
     )
 
+    @field_validator("name_or_path", "tokenizer")
+    @classmethod
+    def _local_path_exists(cls, value: str | None) -> str | None:
+        # A hub id never starts like a path; a path that does not exist is a typo, caught before anything runs.
+        if value is not None and value.startswith(("/", "./", "../", "~")) and not Path(value).expanduser().is_dir():
+            raise ValueError(f"no such model directory: {value}")
+        return value
+
 
 class TinyModel(Section):
     """A small Qwen2/Llama-style model and byte-level tokenizer built locally from scratch (no download)."""
@@ -153,11 +161,14 @@ class _FileTask(Section):
     def _has_source(self) -> _FileTask:
         if self.train_file is None and self.dataset_name is None:
             raise ValueError("set train_file (a local JSONL file) or dataset_name (a hub dataset)")
-        for name in ("train_file", "test_file"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
-                raise ValueError(f"{name}: no such file: {path}")
         return self
+
+    @field_validator("train_file", "test_file")
+    @classmethod
+    def _file_exists(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"no such file: {path}")
+        return path
 
 
 class Gsm8k(_FileTask):
@@ -663,6 +674,13 @@ class Train(Section):
         description="Resample each iteration's training episodes to exactly this many, as the reference does: a random "
         "subset when there are more, the list repeated, shuffled and cut when there are fewer. Default: train on all. "
         "Required by estimator.kind=mc_tree, whose edge count varies.",
+    )
+    time_budget_s: float | None = Field(
+        None,
+        gt=0,
+        description="Stop once the iterations' own time (sampling, estimation, optimization; not evaluations or "
+        "checkpoints) reaches this many seconds, before `iterations` if need be; the last iteration is checkpointed "
+        "and evaluated. A resumed run counts the time its earlier iterations used. Null: no limit.",
     )
     save_steps: int = Field(10, ge=1, description="Write a checkpoint every N iterations (and after the last).")
     save_total_limit: int | None = Field(2, ge=1, description="Keep only the newest N checkpoints; null keeps all.")

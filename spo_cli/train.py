@@ -25,6 +25,7 @@ from spo_cli.episode import Episode, write_episodes
 from spo_cli.errors import SpoUserError
 from spo_cli.estimate import estimate_advantages
 from spo_cli.estimate.single_stream import BASELINE_KEY
+from spo_cli.faults import crash_point
 from spo_cli.fsutil import atomic_write_text, publish_dir
 from spo_cli.metrics import MetricsLog, truncate_records
 from spo_cli.partition import partition_episodes
@@ -390,11 +391,17 @@ def train(
         if recipe.eval.before_training and eval_problems and before is None:
             before = run_eval("before", 0)
 
+        budget = recipe.train.time_budget_s
+        # The budget counts the iterations' own time; a resumed run's earlier iterations count too. Every process
+        # follows the main process's clock, so all stop after the same iteration.
+        used = _iteration_seconds(run_dir, start - 1) if cluster.is_main and start > 1 else 0.0
+        used = cluster.sum_floats({"used": used})["used"]
+        last = start - 1 if budget is not None and used >= budget else recipe.train.iterations
         progress = _progress(console, recipe.logging.progress and cluster.is_main)
         wall0 = time.perf_counter()
         with progress:
             bar = progress.add_task("RL", total=recipe.train.iterations, completed=start - 1)
-            for iteration in range(start, recipe.train.iterations + 1):
+            for iteration in range(start, last + 1):
                 t0 = time.perf_counter()
                 if single_stream:
                     episodes, sample_stats = sample_single_stream(
@@ -404,6 +411,7 @@ def train(
                     sample = sample_trees if tree else sample_episodes
                     episodes, sample_stats = sample(sampler, tokenizer, task, recipe, iteration, params)
                 t_sample = time.perf_counter() - t0
+                crash_point("sample", iteration)
                 if tree and recipe.logging.save_episodes and cluster.is_main:
                     write_episodes(run_dir / "trees" / f"iter_{iteration:06d}.jsonl", episodes)
                 sampled = episodes
@@ -425,7 +433,7 @@ def train(
                     loss=recipe.loss, train=recipe.train,
                     temperature=recipe.sampling.temperature, runtime=runtime, pad_id=tokenizer.pad_token_id,
                     rng=random.Random(derive_seed(seed, "shuffle", iteration)), ref_model=ref_model,
-                    critic=critic,
+                    critic=critic, on_optimizer_step=lambda _: crash_point("optimize", iteration),
                 )  # fmt: skip
                 learner.refresh_inference_model()
                 sampler.sync_weights()
@@ -446,36 +454,45 @@ def train(
                     "time/estimate_s": t_estimate,
                     "time/optimize_s": t_opt,
                     "time/iteration_s": time.perf_counter() - t0,
+                    # Wall time of this process's loop so far, logging and checkpoints included (a peer's
+                    # per-step time measures the same).
+                    "time/loop_elapsed_s": time.perf_counter() - wall0,
                 }
+                used += cluster.sum_floats({"t": record["time/iteration_s"] if cluster.is_main else 0.0})["t"]
+                if budget is not None and used >= budget and iteration < last:
+                    console.print(f"time budget of {budget:g} s reached after iteration {iteration} ({used:.1f} s)")
+                    last = iteration
                 show = iteration == start or iteration % recipe.train.save_steps == 0
                 if cluster.is_main:
                     if recipe.logging.save_episodes:
                         write_episodes(run_dir / "episodes" / f"iter_{iteration:06d}.jsonl", episodes)
                     graded = [ep for ep in sampled if ep.reward is not None]
                     _log_completions(run_dir, graded, recipe.logging.log_completions, iteration, console, show)
-                if recipe.eval.eval_steps and iteration % recipe.eval.eval_steps == 0 and iteration < recipe.train.iterations:
+                if recipe.eval.eval_steps and iteration % recipe.eval.eval_steps == 0 and iteration < last:
                     record.update(run_eval(f"iter_{iteration:06d}", iteration))
                 if metrics_log is not None:
                     metrics_log.log(record)
                 console.print(f"it {iteration}/{recipe.train.iterations}  " + _fmt(record))
                 progress.update(bar, completed=iteration)
-                if iteration % recipe.train.save_steps == 0 or iteration == recipe.train.iterations:
+                if iteration % recipe.train.save_steps == 0 or iteration == last:
                     save_checkpoint(
                         run_dir, iteration, learner, tokenizer,
                         {"data_position": iteration * recipe.sampling.prompts_per_iteration, "seed": seed},
                         keep=recipe.train.save_total_limit,
                         extra_writers=extra_writers,
                     )  # fmt: skip
+                if iteration == last:  # the time budget may end the run early
+                    break
         after = None
         if recipe.eval.after_training and eval_problems:
-            after = _read_json(run_dir / "eval_after.json") if start > recipe.train.iterations else None
-            after = after or run_eval("after", recipe.train.iterations)
+            after = _read_json(run_dir / "eval_after.json") if start > last else None
+            after = after or run_eval("after", last)
         # No process leaves the group while another may still be in a collective (a process that tears its gloo
         # group down early can abort at exit). Only on success: after an error the launcher stops the others.
         cluster.barrier()
     summary = {
         "run_dir": str(run_dir),
-        "iterations": recipe.train.iterations,
+        "iterations": last,
         "rl_seconds": time.perf_counter() - wall0,
         "eval_before": _strip(before),
         "eval_after": _strip(after),
@@ -679,6 +696,14 @@ def _backend() -> str:
     import torch.distributed as dist
 
     return dist.get_backend()
+
+
+def _iteration_seconds(run_dir: Path, through: int) -> float:
+    """Time the logged iterations up to `through` used (what `train.time_budget_s` counts)."""
+    from spo_cli.metrics import read_records
+
+    records = read_records(run_dir / "metrics.jsonl")
+    return sum(r.get("time/iteration_s", 0.0) for r in records if r.get("iteration", 0) <= through)
 
 
 def _max_context(model) -> int | None:

@@ -16,6 +16,7 @@ import contextlib
 import copy
 import json
 import os
+import pickle
 import random
 from datetime import timedelta
 from pathlib import Path
@@ -56,7 +57,15 @@ def write_optimizer_file(directory: Path, optimizer, scheduler) -> None:
 
 def read_optimizer_file(directory: Path, optimizer, scheduler) -> None:
     """Restore what `write_optimizer_file` wrote into `optimizer` (unless None), `scheduler` and the RNG."""
-    state = torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
+    path = directory / OPTIMIZER_FILE
+    try:
+        # weights_only: a checkpoint is data; unpickling arbitrary objects from it could run code.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise SpoUserError(
+            f"{path}: holds objects other than tensors and plain containers, which spo does not unpickle "
+            f"(it never writes them): {str(exc).splitlines()[0]}"
+        ) from None
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -60,6 +60,7 @@ def ppo_update(
     rng: random.Random,
     ref_model=None,
     critic: ValueCritic | None = None,
+    on_optimizer_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Run `train.ppo_epochs` passes of PPO-clip over `episodes` (which carry segment advantages).
 
@@ -77,6 +78,8 @@ def ppo_update(
     like the policy loss); the critic's gradient is summed over processes, clipped to the learner's max_grad_norm,
     and its optimizer steps with the policy's. Its gradients come from the value loss alone: the two models share
     no parameters.
+
+    `on_optimizer_step(n)` is called after the n-th optimizer step (1-based) of this update.
     """
     cluster = learner.cluster
     rho = loss.prob_mask_rho if loss.use_prob_mask else None
@@ -205,6 +208,8 @@ def ppo_update(
                 critic.optimizer.step()
                 critic.optimizer.zero_grad(set_to_none=True)
             steps += 1
+            if on_optimizer_step is not None:
+                on_optimizer_step(steps)
     sums = cluster.sum_floats(sums)
     weights = cluster.sum_floats(weights)
     metrics = {k: sums[k] / weights[k] for k in sums if weights.get(k, 0.0) > 0}

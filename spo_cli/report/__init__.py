@@ -91,7 +91,7 @@ def _summary_table(groups: dict[str, list[RunCurves]]) -> str:
 
 
 def _credit_for_run(label: str, run_dir: Path, iteration: int | None, count: int, low_prob: float | None) -> str:
-    from spo_cli.episode import read_episodes
+    from spo_cli.episode import iter_episodes
 
     files = sorted((run_dir / "episodes").glob("iter_*.jsonl"))
     if iteration is not None:
@@ -100,7 +100,7 @@ def _credit_for_run(label: str, run_dir: Path, iteration: int | None, count: int
         what = f"iteration {iteration}" if iteration is not None else "any iteration"
         return f"<h2>{html.escape(label)}</h2><p>no saved episodes for {what} in {html.escape(str(run_dir / 'episodes'))}</p>"
     path = files[-1]
-    episodes = pick_episodes(read_episodes(path), count)
+    episodes = pick_episodes(list(iter_episodes(path)), count)
     recipe = _resolved_recipe(run_dir)
     threshold = low_prob if low_prob is not None else _default_low_prob(recipe)
     title = f"{label}: {path.name.removesuffix('.jsonl').replace('_', ' ')} ({run_dir})"

@@ -157,7 +157,8 @@ def _file_task(
     train_rows = _load_split(spec, "train")[: spec.max_train_problems]
     train = [to_problem(r, f"train-{i}") for i, r in enumerate(train_rows)]
     if not train:
-        raise ValueError(f"task {spec.kind}: the training set is empty")
+        source = f"task.train_file {spec.train_file}" if spec.train_file else f"task.dataset_name {spec.dataset_name}"
+        raise SpoUserError(f"{source}: no training problems (the file or split is empty)")
 
     def train_problems(iteration: int, count: int, seed: int) -> list[Problem]:
         return [train[i] for i in epoch_slice(len(train), iteration * prompts_per_iteration, count, seed)]

@@ -163,3 +163,25 @@ def test_bf16_autocast_forward_on_cpu(tiny_policy):
         with Runtime("cpu", bf16=True).autocast():
             bf16, _ = forward_logprobs(model, batch, 1.0)
     assert bf16.dtype == torch.float32 and torch.allclose(fp32, bf16, atol=5e-2)
+
+
+def test_a_time_budget_stops_the_run_checkpointed_and_evaluated(tmp_path):
+    from rich.console import Console
+
+    from spo_cli.checkpoint import latest_checkpoint
+    from spo_cli.train import train
+
+    # Any iteration takes longer than a millisecond: the budget runs out after the first.
+    recipe = parse_recipe(tiny_recipe_dict(tmp_path, train={"iterations": 3, "time_budget_s": 0.001}, eval={"eval_steps": 1}))
+    quiet = Console(file=open(os.devnull, "w"))
+    summary = train(recipe, console=quiet)
+    run = tmp_path / "run"
+    assert summary["iterations"] == 1
+    assert [r["iteration"] for r in read_metrics(run)] == [1]
+    assert "eval/greedy_accuracy" not in read_metrics(run)[0]  # the last iteration's evaluation is eval_after
+    assert latest_checkpoint(run).name == "iter_000001"
+    assert json.loads((run / "eval_after.json").read_text())["iteration"] == 1
+    # Resumed, it has no time left: nothing more runs and the summary is the same.
+    again = train(recipe, resume=True, console=quiet)
+    assert again["iterations"] == 1 and again["eval_after"] == summary["eval_after"]
+    assert [r["iteration"] for r in read_metrics(run)] == [1]

@@ -86,4 +86,6 @@ def test_hub_model_offline_fails_fast_naming_the_field(monkeypatch):
     assert time.perf_counter() - start < 10
     assert "model.name_or_path" in str(exc.value) and "kind: tiny" in str(exc.value)
     with pytest.raises(SpoUserError, match="no such model directory"):
-        load_pretrained(PretrainedModel(name_or_path="./no/such/dir"))
+        load_pretrained(PretrainedModel.model_construct(name_or_path="./no/such/dir"))
+    with pytest.raises(ValueError, match="no such model directory"):  # a recipe names the field before anything runs
+        PretrainedModel(name_or_path="./no/such/dir")

@@ -1,0 +1,110 @@
+"""Time to accuracy on the synthetic task: SPO-chain, SPO-tree, GRPO, GRPO with the probability mask and single-stream
+SPO, from one shared warm start, with the same wall-clock budget, several seeds each (the paper's Figures 3c and 5a
+in miniature).
+
+Every run trains the shipped tiny_arith recipe of its method from the same supervised warm start (made once, seed
+0), with `run.seed` set to the seed, until its iterations have used `--budget-s` seconds (sampling, estimation and
+optimization: `train.time_budget_s`; evaluations and checkpoints do not count), evaluating sampled held-out
+accuracy every `--eval-every` iterations on a fixed subset. Runs go seed by seed, methods interleaved, so a slow
+phase of the machine does not land on one method. Prints each method's held-out accuracy at fractions of the budget
+(mean and min-max over seeds) and writes the plot with `spo report`. Report what it shows, whatever it shows.
+
+    python bench/learning.py                                   # 5 methods x 3 seeds x 240 s: ~1.5 h on 2 cores
+    python bench/learning.py --budget-s 60 --seeds 0 --methods grpo,chain     # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = {
+    "grpo": ("tiny_arith_grpo.yaml", []),
+    "grpo_mask": ("tiny_arith_grpo.yaml", ["loss.use_prob_mask=true", "loss.prob_mask_rho=0.9"]),
+    "chain": ("tiny_arith_chain.yaml", []),
+    "tree": ("tiny_arith_tree.yaml", []),
+    "single_stream": ("tiny_arith_single_stream.yaml", []),
+}
+FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def spo(*args: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "spo_cli", *args], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"spo {' '.join(args)} failed:\n{out.stderr[-4000:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--budget-s", type=float, default=240.0, help="RL seconds per run")
+    parser.add_argument("--eval-every", type=int, default=5, help="iterations between held-out evaluations")
+    parser.add_argument("--eval-problems", type=int, default=200, help="fixed held-out subset (of 600)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench_runs" / "learning")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    warm = args.out / "warm"
+    if not (warm / "warm_start" / "config.json").is_file():
+        print("warm start (once, shared by every run)", file=sys.stderr)
+        spo("sft", "recipes/tiny_arith_grpo.yaml", f"run.output_dir={warm}", "--overwrite")
+    runs: dict[str, list[Path]] = {m: [] for m in methods}
+    for seed in seeds:
+        for method in methods:
+            recipe, extra = METHODS[method]
+            run_dir = args.out / method / f"seed{seed}"
+            if not (run_dir / "summary.json").is_file():
+                shutil.rmtree(run_dir, ignore_errors=True)
+                run_dir.mkdir(parents=True)
+                shutil.copytree(warm / "warm_start", run_dir / "warm_start")
+                start = time.perf_counter()
+                # --resume on a directory holding only the warm start: RL starts at iteration 1 from it.
+                spo("train", f"recipes/{recipe}", *extra, f"run.output_dir={run_dir}", f"run.seed={seed}",
+                    "train.iterations=100000", f"train.time_budget_s={args.budget_s}",
+                    f"eval.eval_steps={args.eval_every}", f"eval.max_problems={args.eval_problems}",
+                    "eval.greedy=false", "eval.num_samples=4", "logging.progress=false", "--resume")  # fmt: skip
+                print(f"{method} seed {seed}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+            runs[method].append(run_dir)
+
+    from spo_cli.report import write_report
+    from spo_cli.report.curves import band, read_curves
+
+    print(f"\nheld-out sampled accuracy (4 samples x {args.eval_problems} problems) at fractions of a {args.budget_s:.0f} s "
+          f"RL budget; mean [min, max] over seeds {seeds}")  # fmt: skip
+    print(f"{'method':<14}" + "".join(f"{f'{int(100 * f)}%':>22}" for f in FRACTIONS) + f"{'iterations':>12}")
+    table = {}
+    for method, dirs in runs.items():
+        curves = [read_curves(d, method, accuracy="sampled") for d in dirs]
+        series = [(c.accuracy.seconds, c.accuracy.values) for c in curves]
+        grid, mean, low, high = band(series, points=401)
+        cells = []
+        for f in FRACTIONS:
+            i = min(range(len(grid)), key=lambda k: abs(grid[k] - f * grid[-1]))
+            cells.append({"seconds": grid[i], "mean": mean[i], "min": low[i], "max": high[i]})
+        iterations = [int(c.reward.iterations[-1]) for c in curves]
+        table[method] = {"at_fraction": dict(zip(map(str, FRACTIONS), cells)), "iterations": iterations,
+                         "final": [c.accuracy.values[-1] for c in curves]}  # fmt: skip
+        print(f"{method:<14}" + "".join(f"{c['mean']:>8.3f} [{c['min']:.3f},{c['max']:.3f}]" for c in cells)
+              + f"{statistics.median(iterations):>12.0f}")  # fmt: skip
+    write_report([(m, d) for m, dirs in runs.items() for d in dirs], args.out / "report", accuracy="sampled",
+                 episodes_per_run=2, log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out), "json": None},
+                                         "methods": table}, indent=2, default=str))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
