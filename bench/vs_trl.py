@@ -89,6 +89,8 @@ def worker_spo(work: Path, args) -> list[float]:
     ends = [r["time/loop_elapsed_s"] for r in records]
     steps = [ends[0]] + [b - a for a, b in zip(ends, ends[1:])]
     parts = {k: statistics.median(r[f"time/{k}_s"] for r in records[1:]) for k in ("sample", "estimate", "optimize")}
+    # spo trains only on episodes with a non-zero advantage (the others add nothing to the gradient); TRL on all.
+    parts["trained_fraction"] = statistics.median(r["trained_episodes"] / n for r in records[1:])
     return steps, parts
 
 
@@ -124,6 +126,7 @@ def worker_trl(work: Path, args) -> list[float]:
         max_completion_length=args.max_new_tokens, temperature=1.0, max_steps=args.steps, num_iterations=1,
         learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0, beta=0.0, epsilon=0.2,
         shuffle_dataset=False, logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
+        gradient_checkpointing=False,  # TRL's default is on; spo's (hardware.gradient_checkpointing) off
         dataloader_num_workers=0,
     )  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
@@ -134,26 +137,29 @@ def worker_trl(work: Path, args) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:])], {}
 
 
+PROFILED = {
+    # label: {engine: (function name, part of its file path)}
+    "generate": {"spo": ("generate", "generation/utils.py"), "trl": ("generate", "generation/utils.py")},
+    "rewards": {"spo": ("rewards", "spo_cli/tasks/__init__.py"), "trl": ("_calculate_rewards", "trl/")},
+    "training forward (log-probs)": {"spo": ("forward_logprobs", "spo_cli/policy.py"),
+                                     "trl": ("_get_per_token_logps_and_entropies", "trl/")},
+    "backward": {"spo": ("backward", "torch/_tensor.py"), "trl": ("backward", "torch/_tensor.py")},
+    "optimizer step": {"spo": ("_single_tensor_adam", "torch/optim/adam"), "trl": ("_single_tensor_adam", "torch/optim/adam")},
+}  # fmt: skip
+
+
 def profile_summary(stats_path: Path, engine: str) -> dict[str, float]:
-    """Cumulative seconds of the calls a GRPO step is made of, from a cProfile dump."""
+    """Cumulative seconds of the calls a GRPO step is made of, from a cProfile dump of one run."""
     import pstats
 
     stats = pstats.Stats(str(stats_path))
-    wanted = {
-        "generate": ("generate", "generation/utils.py"),
-        "forward+loss": ("compute_loss", ""),
-        "backward": ("backward", "torch/_tensor.py"),
-        "optimizer step": ("step", "torch/optim/adamw.py"),
-        "rewards": ("_calculate_rewards" if engine == "trl" else "graded_episodes", ""),
-        "log-probs of the batch": ("_get_per_token_logps_and_entropies" if engine == "trl" else "score_responses", ""),
-    }
     out = {}
-    for label, (name, path) in wanted.items():
-        total = 0.0
-        for (file, _, func), (_, _, _, cumulative, _) in stats.stats.items():
-            if func == name and path in file:
-                total = max(total, cumulative)
-        out[label] = total
+    for label, by_engine in PROFILED.items():
+        name, path = by_engine[engine]
+        out[label] = max(
+            (cumulative for (file, _, func), (_, _, _, cumulative, _) in stats.stats.items() if func == name and path in file),
+            default=0.0,
+        )
     out["total"] = max(c for (_, _, _, c, _) in stats.stats.values())
     return out
 
@@ -218,7 +224,8 @@ def main() -> None:
         print(f"{engine:>6} {value:>24.3f}  " + ", ".join(f"{m:.3f}" for m in medians[engine.lower()]))
     print(f"TRL / spo seconds per step: {trl_s / spo_s:.2f}x")
     parts = runs["spo"][-1]["parts"]
-    print("spo step breakdown (median): " + ", ".join(f"{k} {v:.3f} s" for k, v in parts.items()))
+    print("spo step breakdown (median): " + ", ".join(f"{k} {v:.3f} s" for k, v in parts.items() if k != "trained_fraction")
+          + f"; episodes trained on: {100 * parts['trained_fraction']:.0f}% (those with a non-zero advantage)")
     for engine, summary in profiles.items():
         print(f"{engine} profile (cumulative s over the run): " + ", ".join(f"{k} {v:.2f}" for k, v in summary.items()))
     print(f"load average before/after: {load_before:.2f}/{os.getloadavg()[0]:.2f}")
