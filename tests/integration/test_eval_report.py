@@ -15,18 +15,10 @@ from rich.console import Console
 from spo_cli.recipe import parse_recipe
 
 from ..conftest import DATA, REPO, tiny_recipe_dict, write_recipe
+from .test_chain import CHAIN
 
-# SPO-chain for two iterations, evaluated (greedy, 2 samples) before, after and every iteration in between.
-CHAIN = {
-    "partitioner": {"kind": "cutpoint", "rho": 0.9, "interval": 2},
-    "estimator": {"kind": "mc_chain", "rollouts": 3},
-    "loss": {"use_prob_mask": True, "prob_mask_rho": 0.9},
-    "train": {"iterations": 3},
-    "task": {"min_steps": 1, "max_steps": 1, "sft_min_steps": 1, "sft_max_steps": 1, "eval_steps": [1],
-             "max_start": 3, "max_add": 2, "max_mul": 2},
-    "warm_start": {"steps": 150, "learning_rate": 3e-3},
-    "eval": {"eval_steps": 1, "max_problems": 4},
-}
+# test_chain's SPO-chain for three iterations, evaluated before, after and at every iteration in between.
+CHAIN = {**CHAIN, "train": {"iterations": 3}, "eval": {"eval_steps": 1, "max_problems": 4}}
 
 
 def spo(*args: str) -> subprocess.CompletedProcess:

@@ -22,7 +22,7 @@ from spo_cli.faults import CRASH_ENV, POINTS
 from spo_cli.recipe import parse_recipe
 
 from ..conftest import REPO, tiny_recipe_dict, write_recipe
-from .test_train import DETERMINISTIC, read_metrics
+from .test_train import assert_same_metrics, read_metrics
 
 # As the kill test of test_train: one-operation problems and a longer warm start, so every iteration updates the
 # policy and the optimizer state and RNG matter for the comparison.
@@ -79,10 +79,7 @@ def test_kills_at_every_point_of_an_iteration_resume_to_the_uninterrupted_result
     a, b = read_metrics(tmp_path / "ref" / "run"), read_metrics(run)
     assert [r["iteration"] for r in b] == [1, 2, 3, 4, 5]
     assert sum(r["optimizer_steps"] for r in a[1:]) > 0, "the resumed iterations must train"
-    for ra, rb in zip(a, b):
-        for key in DETERMINISTIC:
-            if key in ra:
-                assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-9), (ra["iteration"], key)
+    assert_same_metrics(a, b)
     sa = json.loads((tmp_path / "ref" / "run" / "summary.json").read_text())
     sb = json.loads((run / "summary.json").read_text())
     assert sa["eval_after"] == sb["eval_after"]
