@@ -59,8 +59,8 @@ def prepare(work: Path, args) -> None:
     (work / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def worker_spo(work: Path, args) -> list[float]:
-    """Train with `spo train`'s loop in this process; per-step wall times from metrics.jsonl."""
+def worker_spo(work: Path, args) -> tuple[list[float], dict[str, float]]:
+    """Train with `spo train`'s loop in this process: per-step wall times (from metrics.jsonl) and a breakdown."""
     from rich.console import Console
 
     from spo_cli.recipe import parse_recipe
@@ -94,8 +94,8 @@ def worker_spo(work: Path, args) -> list[float]:
     return steps, parts
 
 
-def worker_trl(work: Path, args) -> list[float]:
-    """Train with TRL's GRPOTrainer in this process; per-step wall times from a callback."""
+def worker_trl(work: Path, args) -> tuple[list[float], dict[str, float]]:
+    """Train with TRL's GRPOTrainer in this process: per-step wall times (from a callback), no breakdown."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback

@@ -233,7 +233,7 @@ def _evaluate_unit(
             _append_records(completions_path, chunk)
             records.extend(chunk)
     metrics = _metrics(records, settings.samples)
-    saved = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+    saved = _read_settings(settings_path)
     result = {
         "checkpoint": ref.label,
         "checkpoint_path": identity["checkpoint"],
@@ -250,13 +250,20 @@ def _evaluate_unit(
     return result
 
 
-def _check_settings(path: Path, identity: dict[str, Any]) -> None:
-    if not path.is_file():
-        return
+def _read_settings(path: Path) -> dict[str, Any]:
+    """What a unit's settings file says; {} when it is missing or unreadable (a kill mid-write cannot leave one torn,
+    but a hand-edited one could be), in which case the completions themselves are checked against the prompts."""
     try:
         saved = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return  # unreadable: nothing trustworthy to compare with; _finished_records validates the completions
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def _check_settings(path: Path, identity: dict[str, Any]) -> None:
+    saved = _read_settings(path)
+    if not saved:
+        return
     differ = [key for key, value in identity.items() if saved.get(key) != value]
     if differ:
         detail = ", ".join(f"{k}: {saved.get(k)!r} before, {identity[k]!r} now" for k in differ)
