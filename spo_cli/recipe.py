@@ -794,6 +794,12 @@ class Eval(Section):
     before_training: bool = Field(True, description="Evaluate before RL (after the warm start).")
     after_training: bool = Field(True, description="Evaluate after the last RL iteration.")
     eval_steps: int | None = Field(None, ge=1, description="Also evaluate every N iterations; null = only before/after.")
+    eval_every_s: float | None = Field(
+        None, gt=0,
+        description="Also evaluate each time the iterations' own time (what train.time_budget_s counts) passes a "
+        "multiple of N seconds, so methods of different iteration cost get evaluation points at the same wall times; "
+        "null = off.",
+    )  # fmt: skip
     greedy: bool = Field(True, description="Report greedy accuracy.")
     num_samples: int = Field(4, ge=0, description="Sampled responses per problem for sampled accuracy; 0 = skip.")
     temperature: float = Field(1.0, gt=0, description="Temperature of the sampled evaluation.")

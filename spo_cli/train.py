@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import random
 import time
@@ -29,7 +30,7 @@ from spo_cli.faults import crash_point
 from spo_cli.fsutil import atomic_write_text, publish_dir
 from spo_cli.metrics import MetricsLog, truncate_records
 from spo_cli.partition import partition_episodes
-from spo_cli.recipe import Gae, McTree, PretrainedModel, Recipe, SegmentGae, Sft, SingleStream, TinyModel, dump_recipe
+from spo_cli.recipe import Eval, Gae, McTree, PretrainedModel, Recipe, SegmentGae, Sft, SingleStream, TinyModel, dump_recipe
 from spo_cli.replay import EdgeReplayBuffer, fit_episode_count
 from spo_cli.tasks import Task, apply_template, build_task, derive_seed, epoch_slice
 
@@ -458,6 +459,7 @@ def train(
                     # per-step time measures the same).
                     "time/loop_elapsed_s": time.perf_counter() - wall0,
                 }
+                used_before = used
                 used += cluster.sum_floats({"t": record["time/iteration_s"] if cluster.is_main else 0.0})["t"]
                 if budget is not None and used >= budget and iteration < last:
                     console.print(f"time budget of {budget:g} s reached after iteration {iteration} ({used:.1f} s)")
@@ -468,7 +470,7 @@ def train(
                         write_episodes(run_dir / "episodes" / f"iter_{iteration:06d}.jsonl", episodes)
                     graded = [ep for ep in sampled if ep.reward is not None]
                     _log_completions(run_dir, graded, recipe.logging.log_completions, iteration, console, show)
-                if recipe.eval.eval_steps and iteration % recipe.eval.eval_steps == 0 and iteration < last:
+                if _eval_due(recipe.eval, iteration, used_before, used) and iteration < last:
                     record.update(run_eval(f"iter_{iteration:06d}", iteration))
                 if metrics_log is not None:
                     metrics_log.log(record)
@@ -696,6 +698,15 @@ def _backend() -> str:
     import torch.distributed as dist
 
     return dist.get_backend()
+
+
+def _eval_due(spec: Eval, iteration: int, used_before: float, used: float) -> bool:
+    """Whether the held-out evaluation runs after `iteration`, whose own time took the loop's iteration time from
+    `used_before` to `used` seconds (every process sees the main process's clock, so all agree)."""
+    if spec.eval_steps and iteration % spec.eval_steps == 0:
+        return True
+    every = spec.eval_every_s
+    return every is not None and math.floor(used / every) > math.floor(used_before / every)
 
 
 def _iteration_seconds(run_dir: Path, through: int) -> float:

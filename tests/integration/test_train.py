@@ -191,3 +191,18 @@ def test_a_time_budget_stops_the_run_checkpointed_and_evaluated(tmp_path):
     again = train(recipe, resume=True, console=quiet)
     assert again["iterations"] == 1 and again["eval_after"] == summary["eval_after"]
     assert [r["iteration"] for r in read_metrics(run)] == [1]
+
+
+def test_eval_every_s_evaluates_at_wall_time_marks(tmp_path):
+    from rich.console import Console
+
+    from spo_cli.train import train
+
+    # Every iteration takes longer than a millisecond, so each one passes a mark; the last one's is eval_after.
+    recipe = parse_recipe(tiny_recipe_dict(tmp_path, train={"iterations": 3}, eval={"eval_every_s": 0.001}))
+    train(recipe, console=Console(file=open(os.devnull, "w")))
+    records = read_metrics(tmp_path / "run")
+    assert ["eval/greedy_accuracy" in r for r in records] == [True, True, False]
+    assert sorted(p.name for p in (tmp_path / "run").glob("eval_iter_*.json")) == [
+        "eval_iter_000001.json", "eval_iter_000002.json"
+    ]
