@@ -111,7 +111,9 @@ def main() -> None:
     write_report([(m, d) for m, dirs in runs.items() for d in dirs], args.out / "report", accuracy="sampled",
                  episodes_per_run=2, log=lambda m: print(m, file=sys.stderr))  # fmt: skip
     if args.json:
-        settings = vars(args) | {"out": str(args.out), "json": None, "eval_every_s": eval_every_s}
+        out = args.out.resolve()
+        out = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
+        settings = vars(args) | {"out": str(out), "json": None, "eval_every_s": eval_every_s}
         args.json.write_text(json.dumps({"settings": settings,
                                          "methods": table}, indent=2, default=str))  # fmt: skip
 
