@@ -5,11 +5,11 @@ in miniature).
 Every run trains the shipped tiny_arith recipe of its method from the same supervised warm start (made once, seed
 0), with `run.seed` set to the seed, until its iterations have used `--budget-s` seconds (sampling, estimation and
 optimization: `train.time_budget_s`; evaluations, checkpoints and single-stream's offline pass do not count),
-evaluating sampled held-out accuracy each time its iterations pass another `--eval-every-s` seconds
-(`eval.eval_every_s`, so every method is measured at the same wall times whatever its iteration cost) on a fixed
-subset. Runs go seed by seed, methods interleaved, so a slow
-phase of the machine does not land on one method. Prints each method's held-out accuracy at fractions of the budget
-(mean and min-max over seeds) with each run's whole wall time, and writes the plot with `spo report`. Report what it shows, whatever it shows.
+evaluating sampled held-out accuracy on a fixed subset each time its iterations pass another `--eval-every-s`
+seconds (`eval.eval_every_s`, so every method is measured at the same wall times whatever its iteration cost).
+Runs go seed by seed, methods interleaved, so a slow phase of the machine does not land on one method. Prints each
+method's held-out accuracy at fractions of the budget (mean and min-max over seeds) and each run's whole wall
+time, and writes the plot with `spo report`. Report what it shows, whatever it shows.
 
     python bench/learning.py                                   # 5 methods x 3 seeds x 180 s: ~1 h on 2 cores
     python bench/learning.py --budget-s 60 --seeds 0 --methods grpo,chain --eval-problems 60   # a quick look
@@ -59,7 +59,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    eval_every_s = args.eval_every_s or args.budget_s / 6
+    eval_every_s = args.budget_s / 6 if args.eval_every_s is None else args.eval_every_s
 
     warm = args.out / "warm"
     if not (warm / "warm_start" / "config.json").is_file():

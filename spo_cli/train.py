@@ -30,7 +30,9 @@ from spo_cli.faults import crash_point
 from spo_cli.fsutil import atomic_write_text, publish_dir
 from spo_cli.metrics import MetricsLog, truncate_records
 from spo_cli.partition import partition_episodes
-from spo_cli.recipe import Eval, Gae, McTree, PretrainedModel, Recipe, SegmentGae, Sft, SingleStream, TinyModel, dump_recipe
+from spo_cli.recipe import (
+    Eval, Gae, McTree, PretrainedModel, Recipe, SegmentGae, Sft, SingleStream, TinyModel, dump_recipe,
+)  # fmt: skip
 from spo_cli.replay import EdgeReplayBuffer, fit_episode_count
 from spo_cli.tasks import Task, apply_template, build_task, derive_seed, epoch_slice
 
