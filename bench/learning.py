@@ -2,14 +2,14 @@
 SPO, from one shared warm start, with the same wall-clock budget, several seeds each (the paper's Figures 3c and 5a
 in miniature).
 
-Every run trains the shipped tiny_arith recipe of its method from the same supervised warm start (made once, seed
-0), with `run.seed` set to the seed, until its iterations have used `--budget-s` seconds (sampling, estimation and
-optimization: `train.time_budget_s`; evaluations, checkpoints and single-stream's offline pass do not count),
-evaluating sampled held-out accuracy on a fixed subset each time its iterations pass another `--eval-every-s`
-seconds (`eval.eval_every_s`, so every method is measured at the same wall times whatever its iteration cost).
-Runs go seed by seed, methods interleaved, so a slow phase of the machine does not land on one method. Prints each
-method's held-out accuracy at fractions of the budget (mean and min-max over seeds) and each run's whole wall
-time, and writes the plot with `spo report`. Report what it shows, whatever it shows.
+Every run trains the shipped tiny_arith recipe of its method from the same supervised warm start (made once, seed 0,
+shared through `warm_start.load_from`), with `run.seed` set to the seed, until its iterations have used `--budget-s`
+seconds (sampling, estimation and optimization: `train.time_budget_s`; evaluations, checkpoints and single-stream's
+offline pass do not count), evaluating sampled held-out accuracy on a fixed subset each time its iterations pass
+another `--eval-every-s` seconds (`eval.eval_every_s`, so every method is measured at the same wall times whatever
+its iteration cost). Runs go seed by seed, methods interleaved, so a slow phase of the machine does not land on one
+method. Prints each method's held-out accuracy at fractions of the budget (mean and min-max over seeds) and each
+run's whole wall time, and writes the plot with `spo report`. Report what it shows, whatever it shows.
 
     python bench/learning.py                                   # 5 methods x 3 seeds x 180 s: ~1 h on 2 cores
     python bench/learning.py --budget-s 60 --seeds 0 --methods grpo,chain --eval-problems 60   # a quick look
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -62,7 +61,7 @@ def main() -> None:
     eval_every_s = args.budget_s / 6 if args.eval_every_s is None else args.eval_every_s
 
     warm = args.out / "warm"
-    if not (warm / "warm_start" / "config.json").is_file():
+    if not (warm / "warm_start" / "warm_start.json").is_file():
         print("warm start (once, shared by every run)", file=sys.stderr)
         spo("sft", "recipes/tiny_arith_grpo.yaml", f"run.output_dir={warm}", "--overwrite")
     runs: dict[str, list[Path]] = {m: [] for m in methods}
@@ -72,15 +71,12 @@ def main() -> None:
             recipe, extra = METHODS[method]
             run_dir = args.out / method / f"seed{seed}"
             if not (run_dir / "summary.json").is_file():
-                shutil.rmtree(run_dir, ignore_errors=True)
-                run_dir.mkdir(parents=True)
-                shutil.copytree(warm / "warm_start", run_dir / "warm_start")
                 start = time.perf_counter()
-                # --resume on a directory holding only the warm start: RL starts at iteration 1 from it.
                 spo("train", f"recipes/{recipe}", *extra, f"run.output_dir={run_dir}", f"run.seed={seed}",
+                    f"warm_start.load_from={warm / 'warm_start'}",
                     "train.iterations=100000", f"train.time_budget_s={args.budget_s}",
                     f"eval.eval_every_s={eval_every_s}", f"eval.max_problems={args.eval_problems}",
-                    "eval.greedy=false", "eval.num_samples=4", "logging.progress=false", "--resume")  # fmt: skip
+                    "eval.greedy=false", "eval.num_samples=4", "logging.progress=false", "--overwrite")  # fmt: skip
                 seconds = time.perf_counter() - start
                 (run_dir / "bench_wall_s.json").write_text(json.dumps(seconds))
                 print(f"{method} seed {seed}: {seconds:.0f} s", file=sys.stderr)

@@ -75,12 +75,18 @@ def sft(
     overrides: OverridesArg = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing run in the output directory first.")] = False,
 ) -> None:
-    """Run only the recipe's supervised warm start; saves <run_dir>/warm_start (which `spo train --resume` reuses)."""
+    """Run only the recipe's supervised warm start; saves <run_dir>/warm_start, which `spo train --resume` reuses
+    and other runs start from with `warm_start.load_from=<run_dir>/warm_start`."""
     spec = _load(recipe, overrides)
     from spo_cli.recipe import Sft
 
     if not isinstance(spec.warm_start, Sft):
         raise SpoUserError(f"{recipe}: `warm_start.kind` is {spec.warm_start.kind!r}; `spo sft` needs kind: sft")
+    if spec.warm_start.load_from is not None:
+        raise SpoUserError(
+            f"{recipe}: `warm_start.load_from` is set ({spec.warm_start.load_from}): that warm start is made already; "
+            "unset it to train one"
+        )
     from rich.console import Console
 
     from spo_cli.hardware import resolve_runtime

@@ -11,6 +11,7 @@ torch (tests/unit/test_import_hygiene.py).
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
@@ -207,6 +208,8 @@ TaskSpec = kind_union(Arith, Gsm8k, Math)
 
 # -------------------------------------------------------------------------------------- warm start
 
+WARM_START_RECORD = "warm_start.json"  # in a saved warm start: the settings it was made with
+
 
 class NoWarmStart(Section):
     """RL starts from the model as loaded (already a supervised checkpoint)."""
@@ -228,6 +231,64 @@ class Sft(Section):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay ends at this fraction of the peak rate.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     log_every: int = Field(100, ge=1, description="Log the SFT loss every N steps.")
+    load_from: str | None = Field(
+        None,
+        description="A warm start made before with these same model and warm_start settings (`spo sft`'s output, "
+        "or another run's <run_dir>/warm_start): the run copies it instead of training it again, e.g. to compare "
+        "methods or seeds from one warm start. Checked against its warm_start.json; the seed and task it was made "
+        "with may differ (they are printed).",
+    )
+
+    @field_validator("load_from")
+    @classmethod
+    def _is_warm_start(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        path = Path(value).expanduser()
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{value} is not a saved warm start (no config.json there; `spo sft` makes one)")
+        if not (path / WARM_START_RECORD).is_file():
+            raise ValueError(
+                f"{value} has no {WARM_START_RECORD}: it was not made by `spo sft` or `spo train`, so its settings are "
+                "unknown (to start RL from any Hugging Face model directory, use model.kind: pretrained and "
+                "warm_start.kind: none)"
+            )
+        return value
+
+
+def warm_start_record(model: BaseModel, warm_start: Sft, task: BaseModel, seed: int) -> dict[str, Any]:
+    """What a saved warm start records of its making (`load_from` and `log_every` do not change the result)."""
+    return {
+        "model": model.model_dump(mode="json"),
+        "warm_start": warm_start.model_dump(mode="json", exclude={"load_from", "log_every"}),
+        "task": task.model_dump(mode="json"),
+        "seed": seed,
+    }
+
+
+def warm_start_mismatches(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """The model and warm_start fields on which a saved warm start's record differs from a recipe's, as
+    `section.field: <saved> there, <recipe> here`; the task and seed may differ (see `warm_start_differences`)."""
+    return _differences(recorded, wanted, ("model", "warm_start"))
+
+
+def warm_start_differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """The task and seed differences between a saved warm start's record and a recipe (reported, allowed)."""
+    return _differences(recorded, wanted, ("task", "seed"))
+
+
+def _differences(recorded: dict[str, Any], wanted: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
+    out = []
+    for section in sections:
+        there, here = recorded.get(section), wanted[section]
+        if isinstance(there, dict) and isinstance(here, dict):
+            for key in sorted(set(there) | set(here)):
+                if there.get(key) != here.get(key):
+                    out.append(f"{section}.{key}: {there.get(key)!r} there, {here.get(key)!r} here")
+        elif there != here:
+            name = "run.seed" if section == "seed" else section
+            out.append(f"{name}: {there!r} there, {here!r} here")
+    return out
 
 
 WarmStartSpec = kind_union(NoWarmStart, Sft, default="none")
@@ -864,6 +925,8 @@ class Recipe(Section):
                         f"{name}.temperature is {temperature}: vLLM samples at temperatures up to "
                         f"{VLLM_MAX_TEMPERATURE} (sampling.backend: vllm)"
                     )
+        if isinstance(self.warm_start, Sft) and self.warm_start.load_from is not None:
+            self._check_warm_start_matches(self.warm_start.load_from)
         if isinstance(self.estimator, Group) and self.sampling.num_generations < 2:
             raise ValueError("estimator.kind=group needs sampling.num_generations >= 2 (a group of one has no baseline)")
         if isinstance(self.estimator, SegmentGae) and self.estimator.critic is None and self.sampling.num_generations < 2:
@@ -891,6 +954,22 @@ class Recipe(Section):
                     "train.episodes_per_iteration (the reference: 1024 for GSM8K 6-6-6, 512 for MATH)"
                 )
         return self
+
+    def _check_warm_start_matches(self, load_from: str) -> None:
+        record_file = Path(load_from).expanduser() / WARM_START_RECORD
+        try:
+            recorded = json.loads(record_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"warm_start.load_from: cannot read {record_file}: {exc}") from None
+        if not isinstance(recorded, dict):
+            raise ValueError(f"warm_start.load_from: {record_file} is not a JSON object")
+        wanted = warm_start_record(self.model, self.warm_start, self.task, self.run.seed)
+        mismatches = warm_start_mismatches(recorded, wanted)
+        if mismatches:
+            raise ValueError(
+                f"warm_start.load_from: {load_from} was made with other model or warm_start settings than this "
+                "recipe's: " + "; ".join(mismatches)
+            )
 
 
 # ------------------------------------------------------------------------------------------ loading

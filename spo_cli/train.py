@@ -31,7 +31,8 @@ from spo_cli.fsutil import atomic_write_text, publish_dir
 from spo_cli.metrics import MetricsLog, truncate_records
 from spo_cli.partition import partition_episodes
 from spo_cli.recipe import (
-    Eval, Gae, McTree, PretrainedModel, Recipe, SegmentGae, Sft, SingleStream, TinyModel, dump_recipe,
+    WARM_START_RECORD, Eval, Gae, McTree, PretrainedModel, Recipe, SegmentGae, Sft, SingleStream, TinyModel,
+    dump_recipe, warm_start_differences, warm_start_record,
 )  # fmt: skip
 from spo_cli.replay import EdgeReplayBuffer, fit_episode_count
 from spo_cli.tasks import Task, apply_template, build_task, derive_seed, epoch_slice
@@ -114,32 +115,75 @@ def initial_policy(recipe: Recipe) -> Policy:
 def warm_started_policy(
     recipe: Recipe, run_dir: Path, task: Task, runtime, console: Console, cluster: Cluster = LOCAL
 ) -> Policy:
-    """The policy RL starts from; the supervised warm start runs once (on the main process) and is saved in the run
-    directory, where the other processes load it from."""
-    from spo_cli.models import load_checkpoint, save_model
+    """The policy RL starts from. The warm start is made once (on the main process: trained, or copied from
+    `warm_start.load_from`) and saved in the run directory, where the other processes load it from."""
+    from spo_cli.models import load_checkpoint
 
     saved = run_dir / WARM_START_DIR
     done = (saved / "config.json").is_file()
     cluster.barrier()  # every process has looked before the main one may write it
-    if isinstance(recipe.warm_start, Sft) and (done or not cluster.is_main):
-        if not done:
-            cluster.barrier()  # the main process's supervised run
-        console.print(f"warm start: loading {saved}")
-        model, tokenizer = load_checkpoint(saved)
-        return Policy(model.to(runtime.device), tokenizer)
+    if not isinstance(recipe.warm_start, Sft):
+        policy = initial_policy(recipe)
+        policy.model.to(runtime.device)
+        return policy
+    if not done and cluster.is_main:
+        trained = None
+        if recipe.warm_start.load_from is None:
+            trained = _supervised_warm_start(recipe, run_dir, task, runtime, console)
+        else:
+            _copy_warm_start(recipe, Path(recipe.warm_start.load_from), run_dir, console)
+        cluster.barrier()
+        if trained is not None:
+            return trained
+    elif not done:
+        cluster.barrier()  # the main process makes it
+    console.print(f"warm start: loading {saved}")
+    model, tokenizer = load_checkpoint(saved)
+    return Policy(model.to(runtime.device), tokenizer)
+
+
+def _supervised_warm_start(recipe: Recipe, run_dir: Path, task: Task, runtime, console: Console) -> Policy:
+    """Train the recipe's warm start and publish it, with the record of its settings, as <run_dir>/warm_start."""
+    from spo_cli.models import save_model
+    from spo_cli.sft import run_sft
+
     policy = initial_policy(recipe)
     policy.model.to(runtime.device)
-    if isinstance(recipe.warm_start, Sft):
-        from spo_cli.sft import run_sft
-
-        console.print(f"warm start: supervised fine-tuning for {recipe.warm_start.steps} steps")
-        stats = run_sft(policy.model, policy.tokenizer, task, recipe.warm_start, runtime, recipe.run.seed, console.print)
-        staging = run_dir / f".{WARM_START_DIR}.partial"
-        save_model(policy.model, policy.tokenizer, staging)
-        (staging / "sft_stats.json").write_text(json.dumps(stats, indent=2))
-        publish_dir(staging, saved)
-        cluster.barrier()
+    spec = recipe.warm_start
+    console.print(f"warm start: supervised fine-tuning for {spec.steps} steps")
+    stats = run_sft(policy.model, policy.tokenizer, task, spec, runtime, recipe.run.seed, console.print)
+    staging = run_dir / f".{WARM_START_DIR}.partial"
+    save_model(policy.model, policy.tokenizer, staging)
+    (staging / "sft_stats.json").write_text(json.dumps(stats, indent=2))
+    record = warm_start_record(recipe.model, spec, recipe.task, recipe.run.seed)
+    (staging / WARM_START_RECORD).write_text(json.dumps(record, indent=2))
+    publish_dir(staging, run_dir / WARM_START_DIR)
     return policy
+
+
+def _copy_warm_start(recipe: Recipe, source: Path, run_dir: Path, console: Console) -> None:
+    """Publish a copy of a saved warm start (hard links where the filesystem allows) as <run_dir>/warm_start, so
+    the run directory stays complete on its own. The recipe check has matched its model and warm_start settings."""
+    import shutil
+
+    recorded = json.loads((source / WARM_START_RECORD).read_text())
+    wanted = warm_start_record(recipe.model, recipe.warm_start, recipe.task, recipe.run.seed)
+    console.print(f"warm start: copying {source} (made by an earlier run with these model and warm_start settings)")
+    for difference in warm_start_differences(recorded, wanted):
+        console.print(f"  made with another {difference}")
+    staging = run_dir / f".{WARM_START_DIR}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source.expanduser(), staging, copy_function=_link_or_copy)
+    publish_dir(staging, run_dir / WARM_START_DIR)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or one without hard links
+        import shutil
+
+        shutil.copy2(src, dst)
 
 
 def training_prompts(sampler, tokenizer, task: Task, recipe: Recipe, iteration: int) -> tuple[list, list[str]]:

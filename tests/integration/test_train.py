@@ -65,6 +65,27 @@ def test_train_writes_every_artifact(tmp_path):
     assert json.loads((run / "summary.json").read_text())["final_checkpoint"].endswith("iter_000003")
 
 
+def test_a_run_from_a_saved_warm_start_is_the_run_that_trains_its_own(tmp_path):
+    """`warm_start.load_from` (how several runs share one warm start) changes nothing but the time it saves."""
+    import io
+
+    from rich.console import Console
+
+    from spo_cli.train import train
+
+    own = train(parse_recipe(tiny_recipe_dict(tmp_path / "own")), console=Console(file=io.StringIO()))
+    saved = tmp_path / "own" / "run" / "warm_start"
+    log = io.StringIO()
+    data = tiny_recipe_dict(tmp_path / "shared", warm_start={"load_from": str(saved)})
+    shared = train(parse_recipe(data), console=Console(file=log, width=200))
+    assert "supervised fine-tuning" not in log.getvalue() and f"copying {saved}" in log.getvalue()
+    copy = tmp_path / "shared" / "run" / "warm_start"
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "warm_start.json", "sft_stats.json"):
+        assert (copy / name).read_bytes() == (saved / name).read_bytes(), name
+    assert_same_metrics(read_metrics(tmp_path / "own" / "run"), read_metrics(tmp_path / "shared" / "run"))
+    assert shared["eval_before"] == own["eval_before"] and shared["eval_after"] == own["eval_after"]
+
+
 def test_existing_run_dir_is_not_clobbered(tmp_path):
     from spo_cli.errors import SpoUserError
     from spo_cli.train import prepare_run_dir

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +90,18 @@ def test_hub_model_offline_fails_fast_naming_the_field(monkeypatch):
         load_pretrained(PretrainedModel.model_construct(name_or_path="./no/such/dir"))
     with pytest.raises(ValueError, match="no such model directory"):  # a recipe names the field before anything runs
         PretrainedModel(name_or_path="./no/such/dir")
+
+
+def test_sft_refuses_a_recipe_whose_warm_start_is_loaded(tmp_path):
+    from spo_cli.recipe import WARM_START_RECORD, parse_recipe, warm_start_record
+
+    data = tiny_recipe_dict(tmp_path)
+    made = parse_recipe(data)
+    saved = tmp_path / "warm_start"
+    saved.mkdir()
+    (saved / "config.json").write_text("{}")
+    (saved / WARM_START_RECORD).write_text(json.dumps(warm_start_record(made.model, made.warm_start, made.task, 0)))
+    data["warm_start"]["load_from"] = str(saved)
+    out = spo("sft", str(write_recipe(tmp_path / "r.yaml", data)))
+    assert out.returncode == 2 and "warm_start.load_from" in out.stderr and "made already" in out.stderr
+    assert not (tmp_path / "run").exists()

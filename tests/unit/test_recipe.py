@@ -185,3 +185,56 @@ def test_kind_override_starts_the_section_afresh(tmp_path):
     r = load_recipe(path, ["partitioner.kind=cutpoint", "partitioner.interval=10"])
     assert (r.partitioner.rho, r.partitioner.interval) == (0.9, 10)
 
+
+
+def _saved_warm_start(tmp_path: Path, recipe_path: Path, overrides: list[str] = ()) -> Path:
+    """A directory laid out as `spo sft` leaves one, its record made from `recipe_path` with `overrides`."""
+    from spo_cli.recipe import WARM_START_RECORD, warm_start_record
+
+    made = load_recipe(recipe_path, list(overrides))
+    folder = tmp_path / "warm" / "warm_start"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    record = warm_start_record(made.model, made.warm_start, made.task, made.run.seed)
+    (folder / WARM_START_RECORD).write_text(json.dumps(record))
+    return folder
+
+
+def test_warm_start_load_from_accepts_a_warm_start_of_the_same_settings(tmp_path):
+    grpo, single_stream = REPO / "recipes" / "tiny_arith_grpo.yaml", REPO / "recipes" / "tiny_arith_single_stream.yaml"
+    saved = _saved_warm_start(tmp_path, grpo)
+    # Another method, seed and task pool are allowed: only model and warm_start settings make the warm start.
+    r = load_recipe(single_stream, [f"warm_start.load_from={saved}", "run.seed=3", "warm_start.log_every=7"])
+    assert r.warm_start.load_from == str(saved) and r.warm_start.steps == 1600
+
+
+def test_warm_start_load_from_refuses_other_settings_naming_them(tmp_path):
+    grpo = REPO / "recipes" / "tiny_arith_grpo.yaml"
+    saved = _saved_warm_start(tmp_path, grpo, ["model.hidden_size=64", "warm_start.steps=300"])
+    msg = str(pytest.raises(SpoUserError, load_recipe, grpo, [f"warm_start.load_from={saved}"]).value)
+    assert "warm_start.load_from" in msg
+    assert "model.hidden_size: 64 there, 128 here" in msg and "warm_start.steps: 300 there, 1600 here" in msg
+
+
+def test_warm_start_load_from_must_be_a_saved_warm_start(tmp_path):
+    grpo = REPO / "recipes" / "tiny_arith_grpo.yaml"
+    msg = str(pytest.raises(SpoUserError, load_recipe, grpo, [f"warm_start.load_from={tmp_path / 'nope'}"]).value)
+    assert "warm_start.load_from" in msg and "not a saved warm start" in msg
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    msg = str(pytest.raises(SpoUserError, load_recipe, grpo, [f"warm_start.load_from={tmp_path / 'hf'}"]).value)
+    assert "has no warm_start.json" in msg and "model.kind: pretrained" in msg
+    saved = _saved_warm_start(tmp_path, grpo)
+    (saved / "warm_start.json").write_text("[1, 2")
+    msg = str(pytest.raises(SpoUserError, load_recipe, grpo, [f"warm_start.load_from={saved}"]).value)
+    assert "cannot read" in msg and "warm_start.json" in msg
+
+
+def test_warm_start_differences_name_the_field():
+    from spo_cli.recipe import warm_start_differences, warm_start_mismatches
+
+    saved = {"model": {"kind": "tiny", "hidden_size": 64}, "warm_start": {"steps": 10}, "task": {"max_steps": 5}, "seed": 0}
+    here = {"model": {"kind": "tiny", "hidden_size": 64}, "warm_start": {"steps": 10}, "task": {"max_steps": 6}, "seed": 2}
+    assert warm_start_mismatches(saved, here) == []
+    assert warm_start_differences(saved, here) == ["task.max_steps: 5 there, 6 here", "run.seed: 0 there, 2 here"]
+    assert warm_start_mismatches(saved, {**here, "model": {"kind": "tiny"}}) == ["model.hidden_size: 64 there, None here"]
