@@ -553,8 +553,8 @@ def train(
         for key in ("greedy_accuracy", "sampled_accuracy"):
             if f"eval/{key}" in before:
                 console.print(
-                    f"[bold]held-out {key.replace('_', ' ')}: before RL {before[f'eval/{key}']:.3f} -> "
-                    f"after RL {after[f'eval/{key}']:.3f}[/]"
+                    f"[bold]held-out {key.replace('_', ' ')}: before RL {_with_se(before, key)} -> "
+                    f"after RL {_with_se(after, key)}[/]"
                 )
     return summary
 
@@ -770,6 +770,12 @@ def _max_context(model) -> int | None:
 def _segment_metrics(episodes: list[Episode]) -> dict[str, float]:
     counts = [len(ep.segments or []) for ep in episodes]
     return {"segments/mean_count": sum(counts) / max(len(counts), 1)}
+
+
+def _with_se(result: dict, key: str) -> str:
+    """0.812, or 0.812 ± 0.004 where the evaluation measured its sampling standard error."""
+    se = result.get(f"eval/{key}_se")
+    return f"{result[f'eval/{key}']:.3f}" + (f" ± {se:.3f}" if se is not None else "")
 
 
 def _strip(result: dict | None) -> dict | None:

@@ -7,8 +7,10 @@ graders) and `runner` (checkpoints x budgets x sets, resumable).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 
+from spo_cli.evaluate.metrics import sampling_standard_error
 from spo_cli.recipe import Eval
 from spo_cli.sample import Sampler, SamplingParams
 from spo_cli.tasks import Problem, Task, apply_template
@@ -29,7 +31,8 @@ def evaluate_policy(
     seed: int,
     keep_eos_token: bool = True,
 ) -> dict[str, float]:
-    """`eval/greedy_accuracy` and `eval/sampled_accuracy` (mean over `spec.num_samples` per problem)."""
+    """`eval/greedy_accuracy` and `eval/sampled_accuracy` (mean over `spec.num_samples` per problem), with
+    `eval/sampled_accuracy_se`, its standard error from the sampling alone (with 2 or more samples per problem)."""
     problems = list(problems)[: spec.max_problems]
     prompts = [apply_template(tokenizer, task.format_prompt(p.question), task.use_chat_template) for p in problems]
     golds = [p.gold for p in problems]
@@ -57,5 +60,9 @@ def evaluate_policy(
         reasons = [c.finish_reason for g in groups for c in g]
         rewards = task.rewards(responses, [gold for gold, g in zip(golds, groups) for _ in g], reasons)
         out[f"eval/{name}_accuracy"] = accuracy(rewards)
+        if params.n >= 2:
+            ends = list(itertools.accumulate(len(g) for g in groups))
+            correct = [sum(1 for r in rewards[end - params.n : end] if r >= 1.0) for end in ends]
+            out[f"eval/{name}_accuracy_se"] = sampling_standard_error(correct, params.n)
         out[f"eval/{name}_mean_length"] = sum(len(c.token_ids) for g in groups for c in g) / max(len(responses), 1)
     return out

@@ -51,6 +51,23 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+def sampling_standard_error(correct: Sequence[int], samples: int) -> float:
+    """Standard error of a sampled accuracy from the sampling alone, with the problems held fixed: how far the mean
+    accuracy over `len(correct)` problems x `samples` responses moves between evaluations of one policy on these
+    problems with other seeds (what a rise must exceed to mean that the policy improved).
+
+    correct[i] is the number of problem i's `samples` responses that were right. Each problem's variance
+    p_i (1 - p_i) is estimated without bias by k/(k-1) p^_i (1 - p^_i) (k = samples), so
+    SE = sqrt(sum_i p^_i (1 - p^_i) / (k - 1)) / n. Needs k >= 2 and at least one problem.
+    """
+    if samples < 2 or not correct:
+        raise ValueError(f"a sampling standard error needs >= 2 samples of >= 1 problem; got {samples} x {len(correct)}")
+    if any(not 0 <= c <= samples for c in correct):
+        raise ValueError(f"every count of correct responses must lie in [0, {samples}]")
+    spread = sum((c / samples) * (1 - c / samples) for c in correct) / (samples - 1)
+    return math.sqrt(spread) / len(correct)
+
+
 def majority_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
     """maj@k of one problem: whether the most frequent extracted answer is correct.
 

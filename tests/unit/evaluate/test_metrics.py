@@ -10,6 +10,7 @@ from spo_cli.evaluate.metrics import (
     parse_context,
     parse_contexts,
     pass_at_k,
+    sampling_standard_error,
     summarize,
 )
 
@@ -77,3 +78,25 @@ def test_summarize_one_sample_is_plain_accuracy():
     assert summarize([[True], [False], [False]], [["1"], ["2"], [None]]) == {"accuracy": pytest.approx(1 / 3)}
     with pytest.raises(ValueError):
         summarize([[True], [True, False]], [["1"], ["1", "2"]])
+
+
+def test_sampling_standard_error_by_hand():
+    # Two problems x 4 samples, 2 and 4 right: p^ = 0.5 and 1, sum p^(1 - p^) = 0.25;
+    # SE = sqrt(0.25 / 3) / 2 = 0.144338.
+    assert sampling_standard_error([2, 4], 4) == pytest.approx(0.1443376, rel=1e-6)
+    # One problem, 1 of 2 right: sqrt(0.25 / 1) / 1 = 0.5. (Unbiased for the variance: at p = 0.5 the outcomes
+    # 0, 1, 2 right have chances 1/4, 1/2, 1/4 and estimates 0, 0.25, 0, expectation 0.125 = 0.25 / 2.)
+    assert sampling_standard_error([1], 2) == pytest.approx(0.5)
+    # A policy that always or never answers right has nothing to resample.
+    assert sampling_standard_error([0, 4, 4], 4) == 0.0
+    # More samples per problem shrink it as 1/sqrt(k - 1) at equal p^: 8 samples, 4 right -> sqrt(0.25 / 7).
+    assert sampling_standard_error([4], 8) == pytest.approx((0.25 / 7) ** 0.5)
+
+
+def test_sampling_standard_error_needs_two_samples_and_valid_counts():
+    with pytest.raises(ValueError, match=">= 2 samples"):
+        sampling_standard_error([1], 1)
+    with pytest.raises(ValueError, match=">= 2 samples"):
+        sampling_standard_error([], 4)
+    with pytest.raises(ValueError, match=r"\[0, 4\]"):
+        sampling_standard_error([5], 4)
