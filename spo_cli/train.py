@@ -131,7 +131,7 @@ def warm_started_policy(
         if recipe.warm_start.load_from is None:
             trained = _supervised_warm_start(recipe, run_dir, task, runtime, console)
         else:
-            _copy_warm_start(recipe, Path(recipe.warm_start.load_from), run_dir, console)
+            _copy_warm_start(recipe, Path(recipe.warm_start.load_from).expanduser(), run_dir, console)
         cluster.barrier()
         if trained is not None:
             return trained
@@ -173,7 +173,7 @@ def _copy_warm_start(recipe: Recipe, source: Path, run_dir: Path, console: Conso
         console.print(f"  made with another {difference}")
     staging = run_dir / f".{WARM_START_DIR}.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source.expanduser(), staging, copy_function=_link_or_copy)
+    shutil.copytree(source, staging, copy_function=_link_or_copy)
     publish_dir(staging, run_dir / WARM_START_DIR)
 
 
