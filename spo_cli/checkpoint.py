@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from spo_cli.errors import SpoError
+from spo_cli.errors import SpoError, SpoUserError
 from spo_cli.faults import crash_point
 from spo_cli.fsutil import atomic_write_json, atomic_write_text, publish_dir
 from spo_cli.models import save_model
@@ -67,8 +67,12 @@ def save_checkpoint(
             shutil.rmtree(staging, ignore_errors=True)
             previous = latest_checkpoint(run_dir)
             kept = f"the last good checkpoint, {previous.name}, is intact" if previous else "no earlier checkpoint exists"
-            raise SpoError(
-                f"could not write checkpoint {name} in {root}: {exc.strerror or exc}; {kept}: free the space and "
+            if isinstance(exc, PermissionError):  # a directory made read-only under a running run: the user's to fix
+                error, fix = SpoUserError, "make it writable"
+            else:
+                error, fix = SpoError, "free the space"
+            raise error(
+                f"could not write checkpoint {name} in {root}: {exc.strerror or exc}; {kept}: {fix} and "
                 "continue with `spo train RECIPE --resume`"
             ) from exc
     # Every process's shard must be on disk before the directory is published.
@@ -106,7 +110,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / "trainer_state.json").read_text())
+    path = checkpoint / "trainer_state.json"
+    try:
+        state = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SpoUserError(
+            f"{path}: not valid JSON ({exc}); remove {checkpoint} to resume from the checkpoint before it"
+        ) from None
+    if not isinstance(state, dict):
+        raise SpoUserError(f"{path}: not a trainer state (a JSON {type(state).__name__}, not an object)")
+    return state
 
 
 def save_json(path: Path, obj: Any) -> None:

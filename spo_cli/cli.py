@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from spo_cli.errors import SpoError, SpoUserError
+from spo_cli.errors import SpoError, SpoUserError, from_os_error
 
 app = typer.Typer(
     name="spo",
@@ -412,6 +412,12 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as exc:  # e.g. an output directory that is read-only: one line naming the path
+        error = from_os_error(exc)
+        if error is None:
+            raise
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(error.exit_code)
     except Exception as exc:  # click usage errors carry their own exit code
         import click
 

@@ -18,7 +18,10 @@ class atomic_open:
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh = self.tmp.open("w", encoding="utf-8")
+        try:
+            self.fh = self.tmp.open("w", encoding="utf-8")
+        except OSError as exc:  # e.g. a read-only directory: name the file being written, not our temporary one
+            raise type(exc)(exc.errno, exc.strerror, str(self.path)) from None
         return self.fh
 
     def __exit__(self, exc_type, exc, tb):

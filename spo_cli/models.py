@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,7 +11,7 @@ from spo_cli.errors import SpoUserError
 from spo_cli.recipe import PretrainedModel, TinyModel
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 PAD = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -101,8 +102,8 @@ def load_pretrained(spec: PretrainedModel, field: str = "model.name_or_path") ->
     from spo_cli.tasks.data import hub_reachable
 
     name = spec.name_or_path
-    if _is_local(name) and not Path(name).expanduser().is_dir():
-        raise SpoUserError(f"`{field}`: no such model directory: {name}")
+    if _is_local(name):
+        check_model_dir(Path(name).expanduser(), field, spec.trust_remote_code)
     offline = not _is_local(name) and (os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable())
     kwargs = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     if offline:
@@ -113,15 +114,16 @@ def load_pretrained(spec: PretrainedModel, field: str = "model.name_or_path") ->
             name,
             dtype=getattr(torch, spec.dtype),
             attn_implementation=spec.attn_implementation,
+            use_safetensors=True,
             **kwargs,
         )
-    except (OSError, ValueError) as exc:
+    except _load_errors() as exc:
         if offline and isinstance(exc, OSError):
             raise SpoUserError(_offline_hint(name, field)) from None
         hint = ""
         if "trust_remote_code" in str(exc) and not spec.trust_remote_code:
             hint = " (the model ships its own code, which runs only with `model.trust_remote_code: true`)"
-        raise SpoUserError(f"`{field}`: cannot load {name!r}{hint}: {str(exc).splitlines()[0]}") from None
+        raise SpoUserError(f"`{field}`: cannot load {name!r}{hint}: {_one_line(exc)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -134,30 +136,158 @@ def load_backbone(name_or_path: str, field: str, dtype) -> PreTrainedModel:
     from spo_cli.tasks.data import hub_reachable
 
     name = name_or_path
-    if _is_local(name) and not Path(name).expanduser().is_dir():
-        raise SpoUserError(f"`{field}`: no such model directory: {name}")
+    if _is_local(name):
+        check_model_dir(Path(name).expanduser(), field)
     offline = not _is_local(name) and (os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable())
     try:
-        return AutoModel.from_pretrained(name, dtype=dtype, local_files_only=offline)
-    except (OSError, ValueError) as exc:
-        if offline:
+        return AutoModel.from_pretrained(name, dtype=dtype, local_files_only=offline, use_safetensors=True)
+    except _load_errors() as exc:
+        if offline and isinstance(exc, OSError):
             raise SpoUserError(_offline_hint(name, field)) from None
-        raise SpoUserError(f"`{field}`: cannot load {name!r} as a transformer backbone: {exc}") from None
+        raise SpoUserError(f"`{field}`: cannot load {name!r} as a transformer backbone: {_one_line(exc)}") from None
 
 
 def load_checkpoint(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model + tokenizer that spo saved (Hugging Face format, safetensors weights).
 
     Only safetensors weights are read (spo writes no others): a pickled `pytorch_model.bin` is never unpickled.
+    A damaged directory (a garbled config.json, a truncated or missing weights file) raises SpoUserError naming it.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    config = check_model_dir(path)
+    tokenizer = load_tokenizer(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, local_files_only=True, dtype="auto", use_safetensors=True
+        )
+    except _load_errors() as exc:
+        raise SpoUserError(f"{path}: not a model directory spo wrote: {_one_line(exc)}") from None
+    return model, tokenizer
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in a model directory; SpoUserError naming the directory when it cannot be read."""
+    from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype="auto", use_safetensors=True)
-    except (OSError, ValueError) as exc:
-        raise SpoUserError(f"{path}: not a model directory spo wrote: {str(exc).splitlines()[0]}") from None
-    return model, tokenizer
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except _load_errors() as exc:
+        raise SpoUserError(f"{path}: cannot load its tokenizer: {_one_line(exc)}") from None
+
+
+# How to turn a directory of pickled weights into safetensors: transformers unpickles them (with torch's
+# weights_only loader) once, in a command the user chose to run on a file they trust.
+_CONVERT = (
+    "python -c \"from transformers import AutoModelForCausalLM as M; "
+    "M.from_pretrained({path!r}).save_pretrained({path!r})\""
+)
+_SAVE_AGAIN = "copy it again, or save the model again"
+_MAX_HEADER = 100_000_000  # bytes; what the safetensors library itself accepts
+
+
+def check_model_dir(path: Path, field: str | None = None, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The config of a local model directory, refusing one that transformers would fail on with a traceback, or load
+    by unpickling: config.json must be a valid model config and safetensors weights must be there, whole (a directory
+    with only pickled weights, pytorch_model.bin, is refused with how to convert it).
+
+    Cheap: it reads config.json and each weights file's header. `field`: the recipe field that named the directory.
+    """
+    prefix = f"`{field}`: " if field else ""
+    if not path.is_dir():
+        raise SpoUserError(f"{prefix}no such model directory: {path}")
+    config = _read_config(path, prefix, trust_remote_code)
+    weights = _safetensors_files(path, prefix)
+    if not weights:
+        pickled = sorted(p.name for p in path.glob("*.bin"))
+        if pickled:
+            raise SpoUserError(
+                f"{prefix}{path}: holds only pickled PyTorch weights ({', '.join(pickled)}) and spo loads only "
+                "safetensors weights (unpickling a file can run code); if you trust the file, convert it once with "
+                + _CONVERT.format(path=str(path))
+            )
+        raise SpoUserError(f"{prefix}{path}: no weights: a model directory holds model.safetensors beside config.json")
+    for file in weights:
+        _check_safetensors(file, prefix)
+    return config
+
+
+def _read_config(path: Path, prefix: str, trust_remote_code: bool) -> PretrainedConfig:
+    from transformers import AutoConfig
+
+    file = path / "config.json"
+    if not file.is_file():
+        raise SpoUserError(f"{prefix}{path}: not a model directory (no config.json)")
+    try:
+        loaded = json.loads(file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SpoUserError(f"{prefix}{file}: not valid JSON ({exc})") from None
+    if not isinstance(loaded, dict) or "model_type" not in loaded:
+        what = "no `model_type`" if isinstance(loaded, dict) else f"a JSON {type(loaded).__name__}, not an object"
+        raise SpoUserError(f"{prefix}{file}: not a model config ({what})")
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except _load_errors() as exc:
+        hint = ""
+        if "trust_remote_code" in str(exc) and not trust_remote_code:
+            hint = " (the model ships its own code, which runs only with `model.trust_remote_code: true`)"
+        raise SpoUserError(f"{prefix}{file}: not a valid model config{hint}: {_one_line(exc)}") from None
+
+
+def _safetensors_files(path: Path, prefix: str) -> list[Path]:
+    """The weights files of a model directory: the shards its index lists, else its *.safetensors files."""
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return sorted(path.glob("*.safetensors"))
+    try:
+        shards = sorted(set(json.loads(index.read_bytes())["weight_map"].values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        raise SpoUserError(f"{prefix}{index}: not a safetensors index (JSON with a `weight_map`)") from None
+    missing = [name for name in shards if not (path / name).is_file()]
+    if missing:
+        raise SpoUserError(f"{prefix}{index}: lists weights files that are missing: {', '.join(missing)}")
+    return [path / name for name in shards]
+
+
+def _check_safetensors(file: Path, prefix: str = "") -> None:
+    """Refuse a truncated or garbled safetensors file by its header (8 bytes of length, then JSON with each tensor's
+    byte range), before transformers fails on it with a traceback."""
+    size = file.stat().st_size
+    with file.open("rb") as fh:
+        head = fh.read(8)
+        length = int.from_bytes(head, "little")
+        if len(head) < 8 or 8 + length > size:
+            raise SpoUserError(
+                f"{prefix}{file}: truncated, or not a safetensors file ({size} bytes, shorter than its header): "
+                + _SAVE_AGAIN
+            )
+        try:
+            if length > _MAX_HEADER:
+                raise ValueError("header too long")
+            header = json.loads(fh.read(length))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise SpoUserError(f"{prefix}{file}: not a safetensors file (no valid header): {_SAVE_AGAIN}") from None
+    described = 8 + length + end
+    if described > size:
+        raise SpoUserError(
+            f"{prefix}{file}: truncated ({size} of the {described} bytes its header describes): {_SAVE_AGAIN}"
+        )
+
+
+def _load_errors() -> tuple[type[Exception], ...]:
+    """What transformers raises for a model directory it cannot read (a bad config value, garbled weights)."""
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, TypeError, KeyError, StrictDataclassError, SafetensorError
+
+
+def _one_line(exc: Exception, limit: int = 400) -> str:
+    """An exception's message on one line, cut short (transformers' can list every model type it knows)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:

@@ -169,19 +169,19 @@ def _benchmark_set(
 def _to_problem(bench: Benchmark, row: dict, index: int, source: str) -> Problem:
     from spo_cli.tasks import gsm8k
     from spo_cli.tasks import math as math_task
+    from spo_cli.tasks.data import text_field
 
-    fields = ("question", "answer") if bench.answer_format == "gsm8k" else ("problem",)
-    for name in fields:
-        if not isinstance(row.get(name), str):
-            keys = ", ".join(sorted(row)) or "none"
-            raise SpoUserError(f"{source}: record {index + 1} has no field {name!r} (it has: {keys})")
-    try:
-        if bench.answer_format == "gsm8k":
-            return Problem(id=f"{bench.name}-{index}", question=str(row["question"]).strip(), gold=gsm8k.gold_answer(row["answer"]))
+    where = f"{source}: record {index + 1}"
+    if bench.answer_format == "math":
         ident = str(row.get("unique_id") or row.get("id") or f"{bench.name}-{index}")
-        return Problem(id=ident, question=str(row["problem"]).strip(), gold=math_task.gold_answer(row))
+        question = text_field(row, "problem", where)
+        return Problem(id=ident, question=question.strip(), gold=math_task.gold_answer(row, where))
+    question, answer = text_field(row, "question", where), text_field(row, "answer", where)
+    try:
+        gold = gsm8k.gold_answer(answer)
     except SpoUserError as exc:
-        raise SpoUserError(f"{source}: record {index + 1}: {exc}") from None
+        raise SpoUserError(f"{where}: {exc}") from None
+    return Problem(id=f"{bench.name}-{index}", question=question.strip(), gold=gold)
 
 
 def _speaks_gsm8k(recipe: Recipe) -> bool:

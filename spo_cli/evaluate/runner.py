@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,15 +50,22 @@ class CheckpointRef:
 
 def resolve_checkpoints(recipe: Recipe, paths: Sequence[Path]) -> list[CheckpointRef]:
     """What to evaluate: each path (a model directory, a checkpoint iter_N, or a run directory's latest
-    checkpoint); with no path, the recipe run's latest checkpoint, else its warm start, else the recipe's model."""
+    checkpoint); with no path, the recipe run's latest checkpoint, else its warm start, else the recipe's model.
+
+    Every model directory is checked here (config.json, safetensors weights present and whole), so a damaged one
+    is refused before any other is evaluated.
+    """
     from spo_cli.checkpoint import latest_checkpoint
+    from spo_cli.models import check_model_dir
 
     if not paths:
         run_dir = recipe.run.run_dir
         ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
         if ckpt is not None:
+            check_model_dir(ckpt / "model")
             return [CheckpointRef(_label(ckpt / "model"), ckpt / "model")]
         if (run_dir / "warm_start" / "config.json").is_file():
+            check_model_dir(run_dir / "warm_start")
             return [CheckpointRef(f"{run_dir.name}/warm_start", run_dir / "warm_start")]
         return [CheckpointRef("recipe-model", None)]
     refs: list[CheckpointRef] = []
@@ -73,6 +81,7 @@ def resolve_checkpoints(recipe: Recipe, paths: Sequence[Path]) -> list[Checkpoin
                 f"--checkpoint {path}: not a model directory (no config.json), a checkpoint (no model/config.json) "
                 "or a run directory with checkpoints"
             )
+        check_model_dir(model_dir)
         label = _label(model_dir)
         taken = {r.label for r in refs}
         base, n = label, 2
@@ -80,6 +89,24 @@ def resolve_checkpoints(recipe: Recipe, paths: Sequence[Path]) -> list[Checkpoin
             label, n = f"{base}-{n}", n + 1
         refs.append(CheckpointRef(label, model_dir))
     return refs
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Fail at once, before any model is loaded, when the output directory cannot be written (it is a file, or it or
+    the directory it would be made in is read-only); nothing is created."""
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise SpoUserError(
+            f"--out {out_dir}: {existing} is a file; --out names the directory spo eval writes its results into"
+        )
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except PermissionError as exc:
+        raise SpoUserError(
+            f"{existing}: {exc.strerror or 'Permission denied'}: cannot write the evaluation there; "
+            "pass --out with a directory you can write to"
+        ) from None
 
 
 def _label(model_dir: Path) -> str:
@@ -101,6 +128,7 @@ def evaluate_checkpoints(
     overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """One result row per (checkpoint, budget, set), in that order; finished results are read back, not redone."""
+    _check_out_dir(out_dir)
     rows = []
     for ref in checkpoints:
         engine = _Engine(recipe, ref, log)
@@ -131,9 +159,9 @@ class _Engine:
             if self.ref.path is None:
                 self.load()
                 return self.tokenizer
-            from transformers import AutoTokenizer
+            from spo_cli.models import load_tokenizer
 
-            self._tokenizer_only = AutoTokenizer.from_pretrained(self.ref.path, local_files_only=True)
+            self._tokenizer_only = load_tokenizer(self.ref.path)
         return self._tokenizer_only
 
     def load(self):

@@ -4,8 +4,9 @@ curves, a summary table and the credit-assignment view of sampled responses."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import yaml
@@ -13,7 +14,10 @@ import yaml
 from spo_cli.errors import SpoUserError
 from spo_cli.fsutil import atomic_write_text
 from spo_cli.report.credit import CSS, credit_section, pick_episodes
-from spo_cli.report.curves import RunCurves, plot_curves, read_curves
+from spo_cli.report.curves import PNG_SOFTWARE, RunCurves, plot_curves, read_curves
+
+# How every report.html spo writes begins: what marks an existing one as spo's, to be replaced.
+HTML_HEAD = "<!doctype html><html><head><meta charset='utf-8'><title>spo report</title>"
 
 
 def parse_run_args(args: Sequence[str]) -> list[tuple[str, Path]]:
@@ -46,20 +50,25 @@ def write_report(
     log: Callable[[str], None] = print,
 ) -> dict[str, Path]:
     """curves.png and report.html in `out_dir`; returns their paths. `accuracy`: "greedy" or "sampled" held-out
-    accuracy (default greedy where a run has it)."""
+    accuracy (default greedy where a run has it).
+
+    An earlier report in `out_dir` is replaced, each file atomically; a file of that name that spo did not write
+    is refused (SpoUserError), and so is an `out_dir` that is a file.
+    """
+    check_out_dir(out_dir)
     groups: dict[str, list[RunCurves]] = {}
     for label, run_dir in runs:
         groups.setdefault(label, []).append(read_curves(run_dir, label, accuracy))
     curves_png = out_dir / "curves.png"
-    plot_curves(groups, curves_png, smooth=smooth)
+    with _writing(out_dir):
+        plot_curves(groups, curves_png, smooth=smooth)
     log(f"wrote {curves_png}")
     sections = []
     for label, run_dir in runs:
         sections.append(_credit_for_run(label, run_dir, iteration, episodes_per_run, low_prob))
     image = base64.b64encode(curves_png.read_bytes()).decode()
     page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>spo report</title>"
-        f"<style>{CSS}</style></head><body><h1>spo report</h1>"
+        f"{HTML_HEAD}<style>{CSS}</style></head><body><h1>spo report</h1>"
         f"{_summary_table(groups)}"
         f"<img alt='learning curves' style='max-width: 100%' src='data:image/png;base64,{image}'>"
         "<h1>Credit assignment</h1><p class='meta'>Sampled responses as they were trained: each token coloured by its "
@@ -67,9 +76,55 @@ def write_report(
         f"{''.join(sections)}</body></html>\n"
     )
     report_html = out_dir / "report.html"
-    atomic_write_text(report_html, page)
+    with _writing(out_dir):
+        atomic_write_text(report_html, page)
     log(f"wrote {report_html}")
     return {"curves": curves_png, "html": report_html}
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an output directory that is a file, or whose curves.png or report.html spo did not write."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SpoUserError(
+            f"--out {out_dir}: is a file; --out names the directory that spo report writes curves.png and "
+            "report.html into"
+        )
+    html_file, png = out_dir / "report.html", out_dir / "curves.png"
+    ours = _starts_with(html_file, HTML_HEAD.encode())
+    # A curves.png from spo versions before its marker is recognised by the spo report.html beside it.
+    for path, written_by_spo in ((html_file, ours), (png, ours or _has_png_text(png, PNG_SOFTWARE))):
+        if path.exists() and not written_by_spo:
+            raise SpoUserError(
+                f"--out {out_dir}: {path} is not a file spo report wrote; move it away or choose another --out"
+            )
+
+
+def _starts_with(path: Path, head: bytes) -> bool:
+    if not path.is_file():
+        return False
+    with path.open("rb") as fh:
+        return fh.read(len(head)) == head
+
+
+def _has_png_text(path: Path, text: str) -> bool:
+    """Whether a PNG holds a text chunk with `text` (matplotlib writes them before the image data, near the start)."""
+    if not path.is_file():
+        return False
+    with path.open("rb") as fh:
+        head = fh.read(4096)
+    return head.startswith(b"\x89PNG") and text.encode() in head
+
+
+@contextlib.contextmanager
+def _writing(out_dir: Path) -> Iterator[None]:
+    """A directory the user cannot write to is their error to fix, with the flag that fixes it."""
+    try:
+        yield
+    except PermissionError as exc:
+        raise SpoUserError(
+            f"{out_dir}: {exc.strerror or 'Permission denied'}: cannot write the report there; "
+            "pass --out with a directory you can write to"
+        ) from None
 
 
 def _summary_table(groups: dict[str, list[RunCurves]]) -> str:
@@ -132,9 +187,9 @@ def _tokenizer(run_dir: Path, recipe: dict):
     ckpt = latest_checkpoint(run_dir)
     for candidate in ([ckpt / "model"] if ckpt else []) + [run_dir / "warm_start"]:
         if (candidate / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
+            from spo_cli.models import load_tokenizer
 
-            return AutoTokenizer.from_pretrained(candidate, local_files_only=True)
+            return load_tokenizer(candidate)
     if (recipe.get("model") or {}).get("kind") == "tiny":
         from spo_cli.models import build_byte_tokenizer
 

@@ -13,6 +13,9 @@ from pathlib import Path
 
 from spo_cli.errors import SpoUserError
 
+# The PNG "Software" text of curves.png, which marks it as written by spo report.
+PNG_SOFTWARE = "spo report"
+
 # Held-out accuracy metrics in the order preferred for the plot.
 ACCURACY_KEYS = ("eval/greedy_accuracy", "eval/sampled_accuracy")
 
@@ -161,6 +164,7 @@ def plot_curves(groups: dict[str, list[RunCurves]], path: Path, smooth: int = 0)
                 ax.legend(fontsize="small")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
+    # The Software text chunk marks the file as spo's: a later report may replace it, never a user's own PNG.
+    fig.savefig(tmp, dpi=110, format="png", metadata={"Software": PNG_SOFTWARE})
     plt.close(fig)
     tmp.replace(path)

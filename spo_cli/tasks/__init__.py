@@ -145,17 +145,31 @@ def _load_split(spec: Gsm8k | Math, split: str) -> list[dict]:
     return load_hub_records(spec.dataset_name, spec.dataset_config, hub_split, "task.dataset_name", hint)
 
 
+def _source(spec: Gsm8k | Math, split: str) -> str:
+    """Where a split's records come from, as errors name it."""
+    path = spec.train_file if split == "train" else spec.test_file
+    return str(path) if path is not None else f"dataset {spec.dataset_name} ({split})"
+
+
+def _problems(
+    spec: Gsm8k | Math, split: str, limit: int | None, to_problem: Callable[[dict, str, str], Problem]
+) -> list[Problem]:
+    """A split's problems; `to_problem(record, id, where)` names a bad record by `where`, its file and number."""
+    source = _source(spec, split)
+    rows = _load_split(spec, split)[:limit]
+    return [to_problem(row, f"{split}-{i}", f"{source}: record {i + 1}") for i, row in enumerate(rows)]
+
+
 def _file_task(
     spec: Gsm8k | Math,
     prompts_per_iteration: int,
-    to_problem: Callable[[dict, str], Problem],
+    to_problem: Callable[[dict, str, str], Problem],
     format_prompt: Callable[[str], str],
     grade,
     stop: tuple[str, ...],
     close=lambda: None,
 ) -> Task:
-    train_rows = _load_split(spec, "train")[: spec.max_train_problems]
-    train = [to_problem(r, f"train-{i}") for i, r in enumerate(train_rows)]
+    train = _problems(spec, "train", spec.max_train_problems, to_problem)
     if not train:
         source = f"task.train_file {spec.train_file}" if spec.train_file else f"task.dataset_name {spec.dataset_name}"
         raise SpoUserError(f"{source}: no training problems (the file or split is empty)")
@@ -164,8 +178,7 @@ def _file_task(
         return [train[i] for i in epoch_slice(len(train), iteration * prompts_per_iteration, count, seed)]
 
     def eval_problems() -> list[Problem]:
-        rows = _load_split(spec, "test")[: spec.max_eval_problems]
-        return [to_problem(r, f"test-{i}") for i, r in enumerate(rows)]
+        return _problems(spec, "test", spec.max_eval_problems, to_problem)
 
     return Task(
         name=spec.kind,
@@ -184,14 +197,15 @@ def _file_task(
 
 def _gsm8k_task(spec: Gsm8k, prompts_per_iteration: int) -> Task:
     from spo_cli.tasks import gsm8k
+    from spo_cli.tasks.data import text_field
 
-    def to_problem(row: dict, ident: str) -> Problem:
-        return Problem(
-            id=ident,
-            question=row["question"].strip(),
-            gold=gsm8k.gold_answer(row["answer"]),
-            solution=gsm8k.clean_solution(row["answer"]),
-        )
+    def to_problem(row: dict, ident: str, where: str) -> Problem:
+        question, answer = text_field(row, "question", where), text_field(row, "answer", where)
+        try:
+            gold = gsm8k.gold_answer(answer)
+        except SpoUserError as exc:
+            raise SpoUserError(f"{where}: {exc}") from None
+        return Problem(id=ident, question=question.strip(), gold=gold, solution=gsm8k.clean_solution(answer))
 
     return _file_task(
         spec,
@@ -205,18 +219,19 @@ def _gsm8k_task(spec: Gsm8k, prompts_per_iteration: int) -> Task:
 
 def _math_task(spec: Math, prompts_per_iteration: int) -> Task:
     from spo_cli.tasks import math as math_task
+    from spo_cli.tasks.data import text_field
 
     grader = math_task.MathGrader(timeout_s=spec.grading_timeout_s)
 
-    def to_problem(row: dict, ident: str) -> Problem:
-        for name in (spec.problem_field, spec.answer_field):
-            if name is not None and row.get(name) is None:
-                keys = ", ".join(sorted(row)) or "none"
-                raise SpoUserError(f"task {spec.kind}: record {ident} has no field {name!r} (it has: {keys})")
-        gold = str(row[spec.answer_field]).strip() if spec.answer_field else math_task.gold_answer(row)
+    def to_problem(row: dict, ident: str, where: str) -> Problem:
+        question = text_field(row, spec.problem_field, where)
+        if spec.answer_field is not None:
+            gold = text_field(row, spec.answer_field, where, numbers=True).strip()
+        else:
+            gold = math_task.gold_answer(row, where)
         return Problem(
-            id=row.get("unique_id") or ident,
-            question=str(row[spec.problem_field]).strip(),
+            id=str(row.get("unique_id") or ident),
+            question=question.strip(),
             gold=gold,
             solution=row.get("solution") if spec.answer_field is None else None,
         )

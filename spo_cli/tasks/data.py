@@ -54,6 +54,22 @@ def load_jsonl_records(path: str | os.PathLike, field: str) -> list[dict]:
     return records
 
 
+def text_field(row: dict, name: str, where: str, numbers: bool = False) -> str:
+    """`row[name]`, a string; SpoUserError starting with `where` (e.g. "data.jsonl: record 3") when the field is missing
+    or holds another type. `numbers`: an int or float is read as its decimal text (AIME answers such as 25)."""
+    value = row.get(name)
+    if value is None:
+        keys = ", ".join(sorted(row)) or "none"
+        raise SpoUserError(f"{where} has no field {name!r} (it has: {keys})")
+    if isinstance(value, str):
+        return value
+    if numbers and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    expected = "a string or a number" if numbers else "a string"
+    raise SpoUserError(f"{where}: field {name!r} holds {type(value).__name__} {shown}, expected {expected}")
+
+
 def _hub_host_port() -> tuple[str, int]:
     url = urlsplit(os.environ.get("HF_ENDPOINT") or _DEFAULT_ENDPOINT)
     host = url.hostname or "huggingface.co"

@@ -9,6 +9,12 @@ Why worker processes: math-verify enforces its time limits with `signal.alarm`, 
 a process's main thread (elsewhere it raises ValueError). `MathGrader` runs parse/verify in the main
 thread of worker processes, where those limits work, and adds an outer per-item limit for hangs that
 a signal cannot interrupt (e.g. long C-level computations).
+
+Integers longer than Python's int-string conversion limit (`sys.get_int_max_str_digits()`, 4,300
+digits by default) cannot be read by math-verify, which would score them 0: a gold and a final answer
+(the last `\\boxed{}`, else the text after the last "####") that are both integers written out in
+digits, one of them that long, are compared as digit strings instead. Other answers holding such a
+number (e.g. a fraction of two of them) still score 0.
 """
 
 from __future__ import annotations
@@ -18,10 +24,13 @@ import functools
 import importlib.util
 import math
 import multiprocessing
+import re
+import sys
 import threading
 from concurrent.futures.process import BrokenProcessPool
 
 from spo_cli.errors import SpoUserError
+from spo_cli.tasks.data import text_field
 
 # open-r1's MATH prompt wrapped in the DeepSeek chat format by hand (spec section 6). For
 # `str.format`: `{{ANSWER}}` renders as `{ANSWER}`. Two spaces after "clearly." are intentional.
@@ -70,19 +79,20 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def gold_answer(record: dict) -> str:
+def gold_answer(record: dict, where: str = "MATH record") -> str:
     """The gold answer string of a MATH-family record.
 
-    MATH500 and AIME records carry `answer` (AIME as zero-padded strings like "025"; math-verify
-    compares them numerically); MATH train/test only have `solution`, whose last `\\boxed{}` is the answer.
+    MATH500 and AIME records carry `answer` (AIME as zero-padded strings like "025", or numbers;
+    math-verify compares them numerically); MATH train/test only have `solution`, whose last
+    `\\boxed{}` is the answer. Errors start with `where` (e.g. "data.jsonl: record 3").
     """
     if record.get("answer") is not None:
-        return str(record["answer"]).strip()
-    boxed = last_boxed(record.get("solution") or "")
+        return text_field(record, "answer", where, numbers=True).strip()
+    boxed = last_boxed(text_field(record, "solution", where)) if record.get("solution") is not None else None
     if boxed is None:
         keys = ", ".join(sorted(record)) or "none"
         raise SpoUserError(
-            f"MATH record has no `answer` field and no \\boxed{{}} answer in `solution` (keys: {keys})"
+            f"{where} has no `answer` field and no \\boxed{{}} answer in `solution` (keys: {keys})"
         )
     return boxed
 
@@ -111,6 +121,35 @@ def _parse_gold(gold: str, timeout: int | None) -> tuple:
     return tuple(parsed)
 
 
+# An integer in digits, bare or in groups of three with a thousands separator: 1,000  1\,000  1{,}000  1\ 000.
+_INTEGER = re.compile(r"([+-]?)(\d+|\d{1,3}(?:(?:,|\\,|\{,\}|\\ | )\d{3})+)")
+
+
+def _integer_text(text: str | None) -> str | None:
+    """An integer written out in digits, in canonical form (no separators, no leading zeros or +, no -0); else None."""
+    match = _INTEGER.fullmatch(text.strip().strip("$").strip()) if text is not None else None
+    if match is None:
+        return None
+    sign, body = match.groups()
+    digits = re.sub(r"\D", "", body).lstrip("0") or "0"
+    return ("-" if sign == "-" and digits != "0" else "") + digits
+
+
+def _long_integer_grade(response: str, gold: str) -> tuple[float, str, str] | None:
+    """(score, answer as written, canonical answer) when the gold and the response's final answer are integers and
+    one of them has more digits than Python converts (see the module docstring); None otherwise."""
+    limit = sys.get_int_max_str_digits()
+    written = last_boxed(response)
+    if written is None and "####" in response:
+        written = response.rsplit("####", 1)[1].strip()
+    answer, expected = _integer_text(written), _integer_text(gold)
+    if limit == 0 or answer is None or expected is None:
+        return None
+    if max(len(answer.lstrip("-")), len(expected.lstrip("-"))) <= limit:
+        return None  # math-verify reads both
+    return (1.0 if answer == expected else 0.0), written, answer
+
+
 def _grade_one(response: str, gold: str, timeout: int | None) -> float:
     """1.0 if math-verify says `response` answers `gold`, else 0.0.
 
@@ -119,6 +158,8 @@ def _grade_one(response: str, gold: str, timeout: int | None) -> float:
     """
     from math_verify import parse, verify
 
+    if (long := _long_integer_grade(response, gold)) is not None:
+        return long[0]
     gold_parsed = list(_parse_gold(gold, timeout))
     pred_parsed = parse(response, extraction_config=_extraction_configs()[1], parsing_timeout=timeout)
     ok = verify(gold_parsed, pred_parsed, float_rounding=FLOAT_ROUNDING, timeout_seconds=timeout)
@@ -141,6 +182,8 @@ def _grade_extract(response: str, gold: str, timeout: int | None) -> tuple[float
     """(score, the answer as written, a canonical form for majority voting) of one response."""
     from math_verify import parse, verify
 
+    if (long := _long_integer_grade(response, gold)) is not None:
+        return long
     gold_parsed = list(_parse_gold(gold, timeout))
     pred_parsed = parse(response, extraction_config=_extraction_configs()[1], parsing_timeout=timeout)
     ok = verify(gold_parsed, pred_parsed, float_rounding=FLOAT_ROUNDING, timeout_seconds=timeout)

@@ -151,7 +151,7 @@ def test_checkpoints_are_never_unpickled(tmp_path):
         pickle.dump(_RunsCode(marker), fh)
     evaluated = spo("eval", str(recipe), "--checkpoint", str(ckpt), "--max-problems", "1", "--out", str(tmp_path / "e"))
     assert evaluated.returncode == 2
-    assert "not a model directory spo wrote" in evaluated.stderr and not marker.exists()
+    assert "holds only pickled PyTorch weights" in evaluated.stderr and not marker.exists()
 
 
 def test_remote_code_does_not_run_unless_the_recipe_says_so(tmp_path):
