@@ -11,16 +11,22 @@ SPO-tree's sampling writes one episode per tree node (prompt = the parent's text
 segment, `metadata["tree"]` its place in the tree); its estimate stage keeps the edges to train on.
 
 Token indices in `segments` are response-token indices, half-open, and together cover the response.
+
+Every number of an episode is finite. JSON has no NaN or infinity, yet Python's json module reads the bare
+tokens `NaN` and `Infinity` (and 1e999 as inf), and pydantic writes them back as null, which in a list of
+log-probs or advantages no stage can read. So reading refuses them, naming file, line and field, and writing
+refuses to emit them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from spo_cli.errors import SpoUserError
 from spo_cli.fsutil import atomic_open
@@ -30,9 +36,27 @@ SCHEMA_VERSION = 3
 # lack response_values and value_targets. Their defaults read them correctly, so older files are accepted.
 READABLE_VERSIONS = (1, 2, 3)
 
+# float32 log-softmax of a near-certain token can round a few ulps above 0 (a logit of magnitude ~100 has an ulp
+# of ~1e-5); anything above this is a probability above 1, not a rounding error.
+LOGPROB_TOLERANCE = 1e-4
+
+
+def _log_probabilities(values: list[float] | None) -> list[float] | None:
+    # One max() over the list (C speed), not a validator call per token: episodes are built for every sample.
+    if values and max(values) > LOGPROB_TOLERANCE:
+        k = next(k for k, v in enumerate(values) if v > LOGPROB_TOLERANCE)
+        raise ValueError(f"item {k} is {values[k]:g}, above 0: not a log-probability (it would be a probability above 1)")
+    return values
+
+
+# Ids index the model's embedding: a negative one is no token of any model (and an index error inside it).
+TokenId = Annotated[int, Field(ge=0)]
+# allow_inf_nan=False: every float field (and list item) must be finite; see the module docstring.
+_RECORD_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
+
 
 class Segment(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _RECORD_CONFIG
 
     start: int = Field(ge=0, description="First response-token index of the segment (inclusive).")
     end: int = Field(ge=0, description="End response-token index (exclusive).")
@@ -50,7 +74,7 @@ class Segment(BaseModel):
 class Episode(BaseModel):
     """One sampled response to one prompt."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _RECORD_CONFIG
 
     schema_version: Literal[1, 2, 3] = SCHEMA_VERSION
     id: str = Field(description="Unique id of the episode within a run.")
@@ -59,9 +83,9 @@ class Episode(BaseModel):
     prompt: str = Field(description="Prompt text as given to the model (after any chat template).")
     response: str = Field(description="Response text (special tokens and stop string removed).")
     gold: str | None = Field(None, description="Reference answer the reward was computed against.")
-    prompt_token_ids: list[int]
-    response_token_ids: list[int]
-    response_logprobs: list[float] | None = Field(
+    prompt_token_ids: list[TokenId]
+    response_token_ids: list[TokenId]
+    response_logprobs: Annotated[list[float] | None, AfterValidator(_log_probabilities)] = Field(
         None,
         description="log pi(y_t | x, y_<t) of each response token under the sampling policy at the sampling temperature "
         "(full softmax, no top-p truncation). Null in files from elsewhere: `spo partition` then scores them."
@@ -92,6 +116,15 @@ class Episode(BaseModel):
         description="Extras for later stages, e.g. `tree` (node, parent, depth, leaf, question, value) on SPO-tree edges.",
     )
 
+    @field_validator("metadata")
+    @classmethod
+    def _finite_metadata(cls, metadata: dict[str, Any]) -> dict[str, Any]:
+        # Free-form, so allow_inf_nan does not reach it; a later stage reads numbers from it (tree values).
+        found = non_finite_number(metadata)
+        if found is not None:
+            raise ValueError(f"{found[0]} is {found[1]}, not a finite number")
+        return metadata
+
     @model_validator(mode="after")
     def _aligned(self) -> Episode:
         n = len(self.response_token_ids)
@@ -113,6 +146,62 @@ def check_segments_cover(segments: Sequence[Segment], length: int) -> None:
         pos = seg.end
     if pos != length and not (length == 0 and not segments):
         raise ValueError(f"segments cover [0, {pos}) but the response has {length} tokens")
+
+
+def non_finite_number(value: Any, where: str = "") -> tuple[str, float] | None:
+    """(dotted path, value) of the first NaN or infinite float in nested dicts and lists, else None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (where, value)
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list | tuple):
+        if _finite_numbers(value):  # the common case, at C speed: episodes carry lists of thousands of floats
+            return None
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = non_finite_number(item, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def _finite_numbers(values: list | tuple) -> bool:
+    """Whether `values` are all finite numbers or None; False also when it cannot tell (then look one by one).
+
+    A NaN or infinity makes the sum non-finite, so a finite sum clears them all; a sum that overflows clears none.
+    """
+    try:
+        return math.isfinite(sum(v for v in values if v is not None))
+    except (TypeError, OverflowError):  # not numbers (dicts, strings), or an int beyond any float
+        return False
+
+
+def model_fit_problem(episode: Episode, vocab_size: int, max_context: int | None) -> str | None:
+    """Why a model that embeds `vocab_size` token ids and has `max_context` positions cannot run on `episode`
+    (as "field: reason"), else None.
+
+    Checked before a forward pass: the model's own failure on such input is an index error deep inside the
+    embedding (on a GPU a device-side assert), and positions past the context give garbage without any error.
+    """
+    for name in ("prompt_token_ids", "response_token_ids"):
+        ids = getattr(episode, name)
+        if ids and max(ids) >= vocab_size:
+            k = next(k for k, t in enumerate(ids) if t >= vocab_size)
+            return (
+                f"{name}.{k}: token id {ids[k]} is outside the model's vocabulary ({vocab_size} ids); "
+                "were the episodes sampled by another model?"
+            )
+    prompt, response = len(episode.prompt_token_ids), len(episode.response_token_ids)
+    if max_context is not None and prompt + response > max_context:
+        return (
+            f"response_token_ids: {prompt} prompt + {response} response tokens = {prompt + response}, more than the "
+            f"model's context of {max_context} tokens (max_position_embeddings)"
+        )
+    if not prompt:
+        return "prompt_token_ids: empty; the model scores each response token from the tokens before it"
+    return None
 
 
 def token_advantages(episode: Episode) -> list[float]:
@@ -153,8 +242,8 @@ def iter_jsonl(path: str | Path, what: str = "file") -> Iterator[tuple[int, Any]
                 raise SpoUserError(f"{path}:{lineno}: not valid JSON: {exc.msg} (column {exc.colno})") from None
 
 
-def iter_episodes(path: str | Path) -> Iterator[Episode]:
-    """Read episodes from a JSONL file; a malformed line raises SpoUserError naming file and line."""
+def iter_numbered_episodes(path: str | Path) -> Iterator[tuple[int, Episode]]:
+    """(line number, episode) of a JSONL file; a malformed line raises SpoUserError naming file, line and field."""
     for lineno, raw in iter_jsonl(path, "episode file"):
         if isinstance(raw, dict) and raw.get("schema_version", SCHEMA_VERSION) not in READABLE_VERSIONS:
             raise SpoUserError(
@@ -162,26 +251,53 @@ def iter_episodes(path: str | Path) -> Iterator[Episode]:
                 f"this spo reads versions {', '.join(map(str, READABLE_VERSIONS))}"
             )
         try:
-            yield Episode.model_validate(raw)
+            episode = Episode.model_validate(raw)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            field = ".".join(str(p) for p in err["loc"]) or "(record)"
-            raise SpoUserError(f"{path}:{lineno}: bad episode: {field}: {err['msg']}") from None
+            raise SpoUserError(f"{path}:{lineno}: bad episode: {_describe(exc.errors()[0])}") from None
+        yield lineno, episode
+
+
+def _describe(err: dict[str, Any]) -> str:
+    """The "field: problem" text of one pydantic error."""
+    field = ".".join(str(p) for p in err["loc"]) or "(record)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] in ("finite_number", "greater_than_equal"):  # a number: show it (other inputs can be large)
+        msg += f", not {err['input']}"
+    return f"{field}: {msg}"
+
+
+def iter_episodes(path: str | Path) -> Iterator[Episode]:
+    """Read episodes from a JSONL file; a malformed line raises SpoUserError naming file and line."""
+    for _, episode in iter_numbered_episodes(path):
+        yield episode
+
+
+def read_numbered_episodes(path: str | Path) -> list[tuple[int, Episode]]:
+    """(line number, episode) of every episode of a JSONL file; an empty file is an error (a stage given nothing
+    to work on was given the wrong file)."""
+    numbered = list(iter_numbered_episodes(path))
+    if not numbered:
+        raise SpoUserError(f"{path}: no episodes (the file is empty)")
+    return numbered
 
 
 def read_episodes(path: str | Path) -> list[Episode]:
-    """All episodes of a JSONL file; an empty file is an error (a stage given nothing to work on was given the
-    wrong file)."""
-    episodes = list(iter_episodes(path))
-    if not episodes:
-        raise SpoUserError(f"{path}: no episodes (the file is empty)")
-    return episodes
+    """All episodes of a JSONL file; an empty file is an error."""
+    return [episode for _, episode in read_numbered_episodes(path)]
 
 
 def write_episodes(path: str | Path, episodes: Iterable[Episode]) -> None:
-    """Write episodes as JSONL atomically (a crash leaves either the old file or the new one)."""
+    """Write episodes as JSONL atomically (a crash leaves either the old file or the new one).
+
+    A NaN or infinite number raises ValueError and leaves the old file (or none): pydantic would write it as null,
+    which no stage reads back. Input files are checked when read, so such a number comes from the stage that
+    computed it: a bug to report, not output to pass on.
+    """
     with atomic_open(path) as fh:
         for ep in episodes:
+            found = non_finite_number(ep.model_dump())
+            if found is not None:
+                raise ValueError(f"episode {ep.id}: {found[0]} is {found[1]}, not a finite number: {path} not written")
             # Records are written in the current schema, whatever version they were read in.
             fh.write(ep.model_copy(update={"schema_version": SCHEMA_VERSION}).model_dump_json())
             fh.write("\n")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from spo_cli.episode import Episode, iter_jsonl, read_episodes, write_episodes
+from spo_cli.episode import Episode, iter_jsonl, model_fit_problem, read_numbered_episodes, write_episodes
 from spo_cli.errors import SpoUserError
 from spo_cli.recipe import Entropy, McTree, Recipe, Step, Whole
 
@@ -30,10 +30,22 @@ def load_policy(recipe: Recipe, policy_dir: Path | None, runtime):
     return model.to(runtime.device).eval(), tokenizer
 
 
+def check_episodes_fit(numbered: list[tuple[int, Episode]], path: Path, model, what: str) -> None:
+    """Refuse, naming file and line, the first episode `model` cannot run on (a token id outside its vocabulary, more
+    tokens than its context, no prompt), before any forward pass fails on it deep inside the model."""
+    vocab_size = model.get_input_embeddings().num_embeddings
+    max_context = getattr(model.config, "max_position_embeddings", None)
+    for lineno, episode in numbered:
+        problem = model_fit_problem(episode, vocab_size, max_context)
+        if problem is not None:
+            raise SpoUserError(f"{path}:{lineno}: bad episode: {problem} (checked against {what})")
+
+
 def partition_file(recipe: Recipe, input_path: Path, output_path: Path, policy_dir: Path | None, log: Callable[[str], None]) -> int:
     from spo_cli.partition import partition_episodes
 
-    episodes = read_episodes(input_path)
+    numbered = read_numbered_episodes(input_path)
+    episodes = [ep for _, ep in numbered]
     spec = recipe.partitioner
     need_entropy = isinstance(spec, Entropy)
     unscored = [
@@ -45,6 +57,7 @@ def partition_file(recipe: Recipe, input_path: Path, output_path: Path, policy_d
     if unscored or isinstance(spec, Step):
         runtime = _runtime(recipe)
         model, tokenizer = load_policy(recipe, policy_dir, runtime)
+        check_episodes_fit(numbered, input_path, model, str(policy_dir or "the recipe model"))
         if unscored:
             log(f"scoring {len(unscored)} episodes without log-probabilities with {policy_dir or 'the recipe model'}")
             episodes = _score(episodes, unscored, model, tokenizer, recipe, runtime)
@@ -69,10 +82,11 @@ def estimate_file(
 
     if isinstance(recipe.estimator, McTree) and is_prompt_file(input_path):
         return grow_trees_file(recipe, input_path, output_path, policy_dir, iteration, log)
-    episodes = read_episodes(input_path)
+    numbered = read_numbered_episodes(input_path)
+    episodes = [ep for _, ep in numbered]
     state_values, critic_values, task = None, None, None
     if needs_critic(recipe.estimator):
-        critic_values = _critic_values(recipe, critic_dir, log)
+        critic_values = _critic_values(recipe, critic_dir, log, numbered, input_path)
     elif critic_dir is not None:
         raise SpoUserError(
             f"--critic: estimator.kind={recipe.estimator.kind} reads no critic "
@@ -86,6 +100,7 @@ def estimate_file(
 
             runtime = _runtime(recipe)
             model, tokenizer = load_policy(recipe, policy_dir, runtime)
+            check_episodes_fit(numbered, input_path, model, str(policy_dir or "the recipe model"))
             log(f"rolling out with {policy_dir or 'the recipe model'}")
             task = build_task(recipe.task, recipe.sampling.prompts_per_iteration)
             sampler = build_sampler(recipe.sampling, model, tokenizer, runtime)
@@ -101,7 +116,13 @@ def estimate_file(
     return {"episodes": float(len(episodes)), **stats}
 
 
-def _critic_values(recipe: Recipe, critic_dir: Path | None, log: Callable[[str], None]):
+def _critic_values(
+    recipe: Recipe,
+    critic_dir: Path | None,
+    log: Callable[[str], None],
+    numbered: list[tuple[int, Episode]],
+    input_path: Path,
+):
     """The values of a run's saved critic. There is no default: gae's (and segment_gae's) advantages are only
     those of the loop with the critic's weights at that iteration, which only the run has."""
     from spo_cli.critic import episode_values, load_critic
@@ -114,6 +135,7 @@ def _critic_values(recipe: Recipe, critic_dir: Path | None, log: Callable[[str],
         )
     runtime = _runtime(recipe)
     critic = load_critic(critic_dir, recipe.estimator.critic, recipe.optim, device=runtime.device)
+    check_episodes_fit(numbered, input_path, critic.model.backbone, f"the critic in {critic_dir}")
     log(f"valuing states with the critic in {critic_dir}")
     return episode_values(
         critic.model,
