@@ -43,7 +43,7 @@ def train(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the recipe's output directory from its last checkpoint.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing run in the output directory first.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the spo run in the output directory first (never a directory spo did not make).")] = False,
 ) -> None:
     """Run the loop sample -> partition -> estimate -> optimize (after an optional warm start).
 
@@ -51,17 +51,31 @@ def train(
     `accelerate launch` (or the `deepspeed` launcher), one process per device.
     """
     spec = _load(recipe, overrides)
-    from spo_cli.launch import needs_launch, relaunch
+    from spo_cli.launch import already_launched, needs_launch, relaunch
+    from spo_cli.rundir import check_not_locked, check_run_dir
 
+    # Refused before torch is imported; and with exit code 2 once, not once per launched process.
+    check_run_dir(spec, resume, overwrite)
+    if not already_launched(os.environ):  # a launched process's main process takes the lock (or its launcher has)
+        check_not_locked(spec.run.run_dir)
     if needs_launch(spec.hardware, os.environ):
+        from spo_cli.launch import check_launcher_installed
+        from spo_cli.rundir import claim_run_dir, remove_failed_start
         from spo_cli.sample import check_backend_installed
-        from spo_cli.train import check_run_dir
 
-        # User errors surface here, with exit code 2, not once per launched process.
-        check_run_dir(spec, resume, overwrite)
         check_backend_installed(spec.sampling)
+        check_launcher_installed(spec.hardware)
+        # This process becomes the launcher and holds the run directory's lock for all the processes it starts.
+        lock, launch_env = claim_run_dir(spec, resume, overwrite, os.environ), {}
+        if lock is not None:
+            lock.pass_to_launched(launch_env)
         flags = ["--resume"] * resume + ["--overwrite"] * overwrite
-        relaunch(spec.hardware, ["train", str(recipe), *(overrides or []), *flags])
+        try:
+            relaunch(spec.hardware, ["train", str(recipe), *(overrides or []), *flags], launch_env)
+        except BaseException:
+            if not resume:
+                remove_failed_start(spec.run.run_dir)
+            raise
     from spo_cli.train import train as run_train
 
     summary = run_train(spec, resume=resume, overwrite=overwrite)
@@ -73,7 +87,7 @@ def train(
 def sft(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing run in the output directory first.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the spo run in the output directory first (never a directory spo did not make).")] = False,
 ) -> None:
     """Run only the recipe's supervised warm start; saves <run_dir>/warm_start, which `spo train --resume` reuses
     and other runs start from with `warm_start.load_from=<run_dir>/warm_start`."""
@@ -91,13 +105,14 @@ def sft(
 
     from spo_cli.hardware import resolve_runtime
     from spo_cli.tasks import build_task
-    from spo_cli.train import prepare_run_dir, set_offline_defaults, warm_started_policy
+    from spo_cli.rundir import run_directory
+    from spo_cli.train import set_offline_defaults, warm_started_policy
 
-    run_dir = prepare_run_dir(spec, resume=False, overwrite=overwrite)
     set_offline_defaults(spec)
     runtime = resolve_runtime(spec.hardware)
     task = build_task(spec.task, spec.sampling.prompts_per_iteration)
-    warm_started_policy(spec, run_dir, task, runtime, Console())
+    with run_directory(spec, resume=False, overwrite=overwrite) as run_dir:
+        warm_started_policy(spec, run_dir, task, runtime, Console())
     typer.echo(str(run_dir / "warm_start"))
 
 

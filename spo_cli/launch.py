@@ -73,10 +73,11 @@ def check_launcher_installed(hardware: Hardware) -> None:
         )
 
 
-def relaunch(hardware: Hardware, spo_args: Sequence[str]) -> None:
-    """Replace this process by the launcher (signals and the exit status are then the launcher's own)."""
+def relaunch(hardware: Hardware, spo_args: Sequence[str], extra_env: Mapping[str, str] | None = None) -> None:
+    """Replace this process by the launcher (signals and the exit status are then the launcher's own); `extra_env`
+    reaches the launched processes."""
     check_launcher_installed(hardware)
     cmd = launch_command(hardware, spo_args)
-    env = {**os.environ, LAUNCHED_ENV: "1"}
+    env = {**os.environ, **(extra_env or {}), LAUNCHED_ENV: "1"}
     print("launching: " + " ".join(cmd), file=sys.stderr, flush=True)
     os.execve(cmd[0], cmd, env)

@@ -23,7 +23,7 @@ from rich.console import Console
 from spo_cli.checkpoint import latest_checkpoint, read_trainer_state, save_checkpoint, save_json
 from spo_cli.distributed import LOCAL, Cluster
 from spo_cli.episode import Episode, write_episodes
-from spo_cli.errors import SpoUserError
+from spo_cli.errors import SpoError, SpoUserError
 from spo_cli.estimate import estimate_advantages
 from spo_cli.estimate.single_stream import BASELINE_KEY
 from spo_cli.faults import crash_point
@@ -35,6 +35,7 @@ from spo_cli.recipe import (
     dump_recipe, warm_start_differences, warm_start_record,
 )  # fmt: skip
 from spo_cli.replay import EdgeReplayBuffer, fit_episode_count
+from spo_cli.rundir import RESOLVED_RECIPE, run_directory
 from spo_cli.tasks import Task, apply_template, build_task, derive_seed, epoch_slice
 
 WARM_START_DIR = "warm_start"
@@ -44,49 +45,6 @@ WARM_START_DIR = "warm_start"
 class Policy:
     model: Any
     tokenizer: Any
-
-
-def check_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
-    """The run directory, if the flags allow using it: refuse to clobber an old run by accident, or to resume a
-    DeepSpeed checkpoint with another number of processes (changes nothing)."""
-    run_dir = recipe.run.run_dir
-    has_content = run_dir.is_dir() and any(run_dir.iterdir())
-    if resume:
-        if not has_content:
-            raise SpoUserError(f"--resume: run directory {run_dir} does not exist or is empty; start without --resume")
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is not None and (ckpt / "deepspeed").is_dir():
-            saved = int(read_trainer_state(ckpt).get("world_size", 1))
-            asked = recipe.hardware.num_processes
-            if asked is not None and asked != saved:
-                raise SpoUserError(_world_mismatch(ckpt, saved, asked))
-    elif has_content and not overwrite:
-        raise SpoUserError(
-            f"run directory {run_dir} already holds a run: pass --resume to continue it, --overwrite to "
-            "replace it, or set run.output_dir to a new folder"
-        )
-    return run_dir
-
-
-def _world_mismatch(ckpt: Path, saved: int, asked: int) -> str:
-    return (
-        f"--resume: {ckpt} holds the optimizer shards of {saved} DeepSpeed processes and this run has {asked}; "
-        f"resume with hardware.num_processes={saved} (or start a new run from {ckpt / 'model'})"
-    )
-
-
-def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool, cluster: Cluster = LOCAL) -> Path:
-    """Create (or reuse, when resuming) the run directory. Every process checks before the main one changes it."""
-    run_dir = check_run_dir(recipe, resume, overwrite)
-    cluster.barrier()
-    if cluster.is_main:
-        if not resume and overwrite and run_dir.is_dir():
-            import shutil
-
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-    cluster.barrier()
-    return run_dir
 
 
 def set_offline_defaults(recipe: Recipe) -> None:
@@ -327,10 +285,11 @@ def train(
         if not cluster.is_main:
             # One process speaks and writes; the others compute the same iteration silently.
             console = Console(file=open(os.devnull, "w"))  # noqa: SIM115 (closed with the process)
-        run_dir = prepare_run_dir(recipe, resume, overwrite, cluster)
+        # Checked, locked for the whole run, and removed again if the start fails before any result.
+        run_dir = cleanup.enter_context(run_directory(recipe, resume, overwrite, cluster))
         seed = recipe.run.seed
         ckpt = latest_checkpoint(run_dir) if resume else None
-        saved_recipe = run_dir / "recipe.resolved.yaml"
+        saved_recipe = run_dir / RESOLVED_RECIPE
         if resume and saved_recipe.is_file() and saved_recipe.read_text() != dump_recipe(recipe):
             console.print("[yellow]warning:[/] the recipe differs from the one this run started with")
         if cluster.is_main:
@@ -483,6 +442,7 @@ def train(
                     critic=critic, on_optimizer_step=lambda _: crash_point("optimize", iteration),
                 )  # fmt: skip
                 learner.refresh_inference_model()
+                _check_finite_weights(model, iteration, run_dir)
                 sampler.sync_weights()
                 t_opt = time.perf_counter() - t1
                 if tracker is not None:
@@ -535,20 +495,23 @@ def train(
         if recipe.eval.after_training and eval_problems:
             after = _read_json(run_dir / "eval_after.json") if start > last else None
             after = after or run_eval("after", last)
+        summary = {
+            "run_dir": str(run_dir),
+            "iterations": last,
+            # All of the run's iterations, also those before a resume (what train.time_budget_s counts).
+            "rl_seconds": _iteration_seconds(run_dir, last) if cluster.is_main else None,
+            "rl_seconds_this_start": time.perf_counter() - wall0,
+            "eval_before": _strip(before),
+            "eval_after": _strip(after),
+            "final_checkpoint": str(latest_checkpoint(run_dir)),
+        }
+        if cluster.is_main:
+            save_json(run_dir / "summary.json", summary)  # while the run still holds its directory's lock
         # No process leaves the group while another may still be in a collective (a process that tears its gloo
         # group down early can abort at exit). Only on success: after an error the launcher stops the others.
         cluster.barrier()
-    summary = {
-        "run_dir": str(run_dir),
-        "iterations": last,
-        "rl_seconds": time.perf_counter() - wall0,
-        "eval_before": _strip(before),
-        "eval_after": _strip(after),
-        "final_checkpoint": str(latest_checkpoint(run_dir)),
-    }
     if not cluster.is_main:
         return None
-    save_json(run_dir / "summary.json", summary)
     if before and after:
         for key in ("greedy_accuracy", "sampled_accuracy"):
             if f"eval/{key}" in before:
@@ -744,6 +707,20 @@ def _backend() -> str:
     import torch.distributed as dist
 
     return dist.get_backend()
+
+
+def _check_finite_weights(model, iteration: int, run_dir: Path) -> None:
+    """Stop before a checkpoint of non-finite weights is written (a learning rate far too high for the model): every
+    later iteration would sample from NaN probabilities. Skipped fp16 overflow steps leave the weights finite."""
+    import torch
+
+    if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        return
+    raise SpoError(
+        f"iteration {iteration}: the update made the policy's weights non-finite (NaN or inf), so the run stops "
+        f"without checkpointing them; lower optim.learning_rate or optim.max_grad_norm. The last good checkpoint "
+        f"is {latest_checkpoint(run_dir) or 'none (start again)'}"
+    )
 
 
 def _eval_due(spec: Eval, iteration: int, used_before: float, used: float) -> bool:

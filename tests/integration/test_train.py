@@ -86,19 +86,6 @@ def test_a_run_from_a_saved_warm_start_is_the_run_that_trains_its_own(tmp_path):
     assert shared["eval_before"] == own["eval_before"] and shared["eval_after"] == own["eval_after"]
 
 
-def test_existing_run_dir_is_not_clobbered(tmp_path):
-    from spo_cli.errors import SpoUserError
-    from spo_cli.train import prepare_run_dir
-
-    recipe = parse_recipe(tiny_recipe_dict(tmp_path))
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
-    with pytest.raises(SpoUserError, match="--resume"):
-        prepare_run_dir(recipe, resume=False, overwrite=False)
-    with pytest.raises(SpoUserError, match="does not exist or is empty"):
-        prepare_run_dir(parse_recipe(tiny_recipe_dict(tmp_path / "other")), resume=True, overwrite=False)
-
-
 def spo(*args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "spo_cli", *args], cwd=REPO, capture_output=True, text=True, **kw)
 
@@ -129,6 +116,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / "summary.json").exists()
+    assert (run / ".spo-lock").is_file()  # left behind, but the kernel released the lock with the process
 
     resumed = spo("train", str(killed), "--resume", timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -212,6 +200,9 @@ def test_a_time_budget_stops_the_run_checkpointed_and_evaluated(tmp_path):
     again = train(recipe, resume=True, console=quiet)
     assert again["iterations"] == 1 and again["eval_after"] == summary["eval_after"]
     assert [r["iteration"] for r in read_metrics(run)] == [1]
+    # The summary's time is the run's iterations', not the resumed process's few milliseconds.
+    assert again["rl_seconds"] == summary["rl_seconds"] == read_metrics(run)[0]["time/iteration_s"]
+    assert again["rl_seconds_this_start"] < summary["rl_seconds"]
 
 
 def test_eval_every_s_evaluates_at_wall_time_marks(tmp_path):
@@ -227,3 +218,18 @@ def test_eval_every_s_evaluates_at_wall_time_marks(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").glob("eval_iter_*.json")) == [
         "eval_iter_000001.json", "eval_iter_000002.json"
     ]
+
+
+def test_an_update_to_non_finite_weights_stops_the_run_before_its_checkpoint(tmp_path):
+    import torch
+
+    from spo_cli.errors import SpoError
+    from spo_cli.train import _check_finite_weights
+
+    model = torch.nn.Linear(3, 2)
+    _check_finite_weights(model, 1, tmp_path)  # finite: nothing happens
+    with torch.no_grad():
+        model.weight[1, 2] = float("inf")
+    with pytest.raises(SpoError, match="iteration 4: the update made the policy's weights non-finite") as caught:
+        _check_finite_weights(model, 4, tmp_path)
+    assert caught.value.exit_code == 1 and "none (start again)" in str(caught.value)

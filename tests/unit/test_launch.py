@@ -148,6 +148,7 @@ def test_the_cli_refuses_a_bad_run_dir_before_launching(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
+    (run / ".spo-run").write_text("{}\n")
     (run / "metrics.jsonl").write_text("{}\n")
     data = _recipe({"num_processes": 2})
     data["run"] = {"output_dir": str(run)}
