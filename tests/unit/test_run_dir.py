@@ -200,3 +200,12 @@ def test_a_failed_start_keeps_a_finished_warm_start_and_a_users_file(tmp_path):
     (run_dir / "notes.txt").write_text("mine")
     remove_failed_start(run_dir)
     assert sorted(p.name for p in run_dir.iterdir()) == sorted([RUN_MARKER, LOCK_FILE, "notes.txt"])
+
+
+def test_a_run_holds_its_directory_until_it_ends(tmp_path):
+    recipe = parse_recipe(tiny_recipe_dict(tmp_path))
+    with run_directory(recipe, resume=False, overwrite=False) as run_dir:
+        with pytest.raises(SpoUserError, match=r"in use by another spo run \(process \d+ on "):
+            RunLock.acquire(run_dir)
+        (run_dir / "metrics.jsonl").write_text('{"iteration": 1}\n')
+    RunLock.acquire(run_dir).release()  # released at the end of the run
