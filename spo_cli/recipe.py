@@ -579,6 +579,12 @@ class Group(Section):
     eps: float = Field(1e-8, gt=0, description="Added to the std before dividing.")
 
 
+class Rloo(Section):
+    """RLOO: r minus the mean reward of the other responses to the same prompt (leave-one-out), unscaled."""
+
+    kind: Literal["rloo"] = "rloo"
+
+
 class McChain(Section):
     """SPO-chain: Monte Carlo value of the state before each segment, advantage V(after) - V(before)."""
 
@@ -809,7 +815,9 @@ class SegmentGae(Section):
     eps: float = Field(1e-8, gt=0, description="Added to the variance (whitening) and the std (fallback).")
 
 
-EstimatorSpec = kind_union(Group, McChain, Vineppo, McTree, Gae, SingleStream, SegmentGae, default="group")
+EstimatorSpec = kind_union(
+    Group, Rloo, McChain, Vineppo, McTree, Gae, SingleStream, SegmentGae, default="group"
+)
 
 
 # --------------------------------------------------------------------------------------------- loss
@@ -1108,8 +1116,11 @@ class Recipe(Section):
                     )
         if isinstance(self.warm_start, Sft) and self.warm_start.load_from is not None:
             self._check_warm_start_matches(self.warm_start.load_from)
-        if isinstance(self.estimator, Group) and self.sampling.num_generations < 2:
-            raise ValueError("estimator.kind=group needs sampling.num_generations >= 2 (a group of one has no baseline)")
+        if isinstance(self.estimator, Group | Rloo) and self.sampling.num_generations < 2:
+            raise ValueError(
+                f"estimator.kind={self.estimator.kind} needs sampling.num_generations >= 2 (a group of one has no "
+                "baseline)"
+            )
         if isinstance(self.estimator, SegmentGae) and self.estimator.critic is None and self.sampling.num_generations < 2:
             raise ValueError(
                 "estimator.kind=segment_gae without a critic falls back to group-mean baselines: it needs "

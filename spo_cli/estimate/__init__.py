@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from spo_cli.episode import Episode
 from spo_cli.estimate.chain import chain_segment_advantages, chain_token_advantages
 from spo_cli.estimate.gae import CriticValues, estimate_gae, gae_advantages
-from spo_cli.estimate.group import group_advantages
+from spo_cli.estimate.group import group_advantages, rloo_advantages
 from spo_cli.estimate.mc_chain import StateValues, ValueState, estimate_mc_chain
 from spo_cli.estimate.mc_tree import estimate_mc_tree
 from spo_cli.estimate.segment_gae import (
@@ -26,7 +26,7 @@ from spo_cli.estimate.segment_gae import (
 from spo_cli.estimate.single_stream import estimate_single_stream, single_stream_advantages
 from spo_cli.estimate.tree import tree_edge_advantages, tree_values
 from spo_cli.estimate.vineppo import estimate_vineppo, vineppo_step_advantages
-from spo_cli.recipe import EstimatorSpec, Gae, Group, McChain, McTree, SegmentGae, SingleStream, Vineppo
+from spo_cli.recipe import EstimatorSpec, Gae, Group, McChain, McTree, Rloo, SegmentGae, SingleStream, Vineppo
 
 __all__ = [
     "CriticValues",
@@ -37,6 +37,7 @@ __all__ = [
     "estimate_advantages",
     "gae_advantages",
     "group_advantages",
+    "rloo_advantages",
     "needs_critic",
     "needs_policy",
     "segment_gae",
@@ -88,6 +89,9 @@ def estimate_advantages(
             adv = group_advantages(
                 [ep.reward for ep in episodes], [ep.group_id for ep in episodes], spec.scale_by_std, spec.eps
             )
+            return [_with_constant_advantage(ep, a) for ep, a in zip(episodes, adv)], {}
+        case Rloo():
+            adv = rloo_advantages([ep.reward for ep in episodes], [ep.group_id for ep in episodes])
             return [_with_constant_advantage(ep, a) for ep, a in zip(episodes, adv)], {}
         case McChain():
             _check_rollouts(episodes, spec.kind, state_values)

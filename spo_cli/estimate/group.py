@@ -1,4 +1,5 @@
-"""Group-relative (GRPO) advantages: one scalar per sampled response."""
+"""Group baselines: one scalar advantage per sampled response, from the rewards of its prompt's group (GRPO's
+normalised group mean, RLOO's leave-one-out mean)."""
 
 from __future__ import annotations
 
@@ -56,4 +57,38 @@ def group_advantages(
         else:
             for i, v in zip(idx, values):
                 advantages[i] = v - mean
+    return advantages
+
+
+def rloo_advantages(rewards: Sequence[float], group_ids: Sequence[Hashable]) -> list[float]:
+    """RLOO advantages: each reward minus the mean reward of the *other* members of its group.
+
+    ``A_i = r_i - (sum_g - r_i) / (n_g - 1) = n_g / (n_g - 1) * (r_i - mean_g)``, with no std scaling (the
+    reference's GRPO-baseline `adv_method: rloo`). The baseline excludes the response itself, so it is an unbiased
+    estimate of the value that does not depend on the response's own reward. A group whose rewards are all equal,
+    or of a single member (no others to compare with), gets exactly ``0.0``.
+
+    Args:
+        rewards (Sequence[float]): reward per response, length ``N``.
+        group_ids (Sequence[Hashable]): group (question) id per response, length ``N``.
+
+    Returns:
+        list[float]: advantage per response, length ``N``, in input order.
+    """
+    if len(rewards) != len(group_ids):
+        raise ValueError(
+            "rewards and group_ids must have the same length, "
+            f"got {len(rewards)} and {len(group_ids)}"
+        )
+    members: dict[Hashable, list[int]] = {}
+    for i, gid in enumerate(group_ids):
+        members.setdefault(gid, []).append(i)
+    advantages = [0.0] * len(rewards)
+    for idx in members.values():
+        values = [float(rewards[i]) for i in idx]
+        if len(values) < 2 or all(v == values[0] for v in values):
+            continue
+        total = math.fsum(values)
+        for i, v in zip(idx, values):
+            advantages[i] = v - (total - v) / (len(values) - 1)
     return advantages

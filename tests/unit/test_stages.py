@@ -7,7 +7,7 @@ import pytest
 from spo_cli.estimate import estimate_advantages
 from spo_cli.partition import partition_episodes
 from spo_cli.partition.whole import whole_boundaries
-from spo_cli.recipe import Group, Whole
+from spo_cli.recipe import Group, Rloo, Whole
 
 from .test_episode import make_episode
 
@@ -34,6 +34,18 @@ def test_group_estimate_fills_segment_advantages():
     assert out[1].segments[0].advantage == pytest.approx(-1 / 3)
     assert out[2].segments[0].advantage == 0.0 and out[3].segments[0].advantage == 0.0
     assert eps[0].segments is None, "stages return copies"
+
+
+def test_rloo_estimate_fills_segment_advantages_from_the_others_in_the_group():
+    eps = [
+        make_episode(id="a", group_id="g1", reward=1.0),
+        make_episode(id="b", group_id="g1", reward=0.0),
+        make_episode(id="c", group_id="g1", reward=0.0),
+        make_episode(id="d", group_id="g2", reward=1.0),
+    ]
+    out, _ = estimate_advantages(partition_episodes(eps, Whole()), Rloo())
+    # g1 rewards [1, 0, 0]: a's others average 0, b's and c's average 1/2; g2 has one member.
+    assert [ep.segments[0].advantage for ep in out] == pytest.approx([1.0, -0.5, -0.5, 0.0])
 
 
 def test_estimate_requires_partition():

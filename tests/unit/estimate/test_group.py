@@ -1,10 +1,10 @@
-"""GRPO group advantages, checked against values worked out by hand."""
+"""GRPO and RLOO group advantages, checked against values worked out by hand."""
 
 import math
 
 import pytest
 
-from spo_cli.estimate import group_advantages
+from spo_cli.estimate import group_advantages, rloo_advantages
 
 EPS = 1e-8
 
@@ -54,3 +54,31 @@ def test_empty_input():
 def test_length_mismatch():
     with pytest.raises(ValueError, match="same length"):
         group_advantages([1.0, 0.0], ["a"])
+
+
+# ------------------------------------------------------------------------------------------------ rloo
+
+
+def test_rloo_one_of_four_correct():
+    # r = [1, 0, 0, 0]: the correct one's others average 0 -> A = 1; each wrong one's others average 1/3.
+    assert rloo_advantages([1.0, 0.0, 0.0, 0.0], ["q"] * 4) == pytest.approx([1.0, -1 / 3, -1 / 3, -1 / 3])
+
+
+def test_rloo_is_n_over_n_minus_1_times_the_centred_reward():
+    # r = [1, 1, 0]: mean 2/3; A_0 = 1 - (1 + 0)/2 = 0.5 = 3/2 * (1 - 2/3); A_2 = 0 - 1 = -1 = 3/2 * (0 - 2/3).
+    assert rloo_advantages([1.0, 1.0, 0.0], ["q"] * 3) == pytest.approx([0.5, 0.5, -1.0])
+
+
+def test_rloo_groups_interleaved_and_unscaled():
+    # Group a: [2, 0] -> [2, -2]; group b: [0.5, 0.5, 0.2] -> [0.5 - 0.35, 0.15, 0.2 - 0.5].
+    adv = rloo_advantages([2.0, 0.5, 0.0, 0.5, 0.2], ["a", "b", "a", "b", "b"])
+    assert adv == pytest.approx([2.0, 0.15, -2.0, 0.15, -0.3])
+
+
+def test_rloo_equal_and_single_member_groups_are_exactly_zero():
+    assert rloo_advantages([0.3, 0.3, 0.3, 1.0], ["a", "a", "a", "b"]) == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_rloo_length_mismatch():
+    with pytest.raises(ValueError, match="same length"):
+        rloo_advantages([1.0], ["a", "b"])
