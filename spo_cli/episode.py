@@ -31,10 +31,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from spo_cli.errors import SpoUserError
 from spo_cli.fsutil import atomic_open
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Version 1 records lack response_entropies, token_advantages and Segment.is_boundary; version 2 records
-# lack response_values and value_targets. Their defaults read them correctly, so older files are accepted.
-READABLE_VERSIONS = (1, 2, 3)
+# lack response_values and value_targets; version 3 records lack first_error. Their defaults read them correctly,
+# so older files are accepted.
+READABLE_VERSIONS = (1, 2, 3, 4)
 
 # float32 log-softmax of a near-certain token can round a few ulps above 0 (a logit of magnitude ~100 has an ulp
 # of ~1e-5); anything above this is a probability above 1, not a rounding error.
@@ -76,7 +77,7 @@ class Episode(BaseModel):
 
     model_config = _RECORD_CONFIG
 
-    schema_version: Literal[1, 2, 3] = SCHEMA_VERSION
+    schema_version: Literal[1, 2, 3, 4] = SCHEMA_VERSION
     id: str = Field(description="Unique id of the episode within a run.")
     group_id: str = Field(description="Id of the prompt; episodes of the same prompt form a group.")
     iteration: int = Field(0, ge=0, description="RL iteration that sampled it (the policy version).")
@@ -95,6 +96,13 @@ class Episode(BaseModel):
     )
     finish_reason: Literal["stop", "length"]
     reward: float | None = None
+    first_error: int | None = Field(
+        None,
+        ge=0,
+        description="Index of the first response token that departs from a correct solution, for a wrong response "
+        "on a task that can tell (arith); null for a right response, or where the task cannot tell. What the credit "
+        "metrics compare advantages with.",
+    )
     segments: list[Segment] | None = Field(None, description="Null until partitioned.")
     token_advantages: list[float] | None = Field(
         None,
@@ -134,6 +142,8 @@ class Episode(BaseModel):
                 raise ValueError(f"{name} has {len(values)} entries for {n} response tokens")
         if self.segments is not None:
             check_segments_cover(self.segments, n)
+        if self.first_error is not None and self.first_error >= n:
+            raise ValueError(f"first_error is token {self.first_error} of a response of {n} tokens")
         return self
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from spo_cli.credit import credit_metrics
 from spo_cli.episode import Episode, iter_jsonl, model_fit_problem, read_numbered_episodes, write_episodes
 from spo_cli.errors import SpoUserError
 from spo_cli.recipe import Entropy, McTree, Recipe, Step, Whole
@@ -113,7 +114,8 @@ def estimate_file(
         if task is not None:
             task.close()
     write_episodes(output_path, episodes)
-    return {"episodes": float(len(episodes)), **stats}
+    # Episodes saved by a run on a task with a known first error: the same responses, any estimator, compared.
+    return {"episodes": float(len(episodes)), **stats, **credit_metrics(episodes)}
 
 
 def _critic_values(

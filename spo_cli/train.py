@@ -21,6 +21,7 @@ from typing import Any
 from rich.console import Console
 
 from spo_cli.checkpoint import latest_checkpoint, read_trainer_state, save_checkpoint, save_json
+from spo_cli.credit import credit_metrics, token_at_char
 from spo_cli.distributed import LOCAL, Cluster
 from spo_cli.episode import Episode, write_episodes
 from spo_cli.errors import SpoError, SpoUserError
@@ -161,11 +162,13 @@ def sample_episodes(
     sampler, tokenizer, task: Task, recipe: Recipe, iteration: int, params
 ) -> tuple[list[Episode], dict[str, float]]:
     problems, prompts = training_prompts(sampler, tokenizer, task, recipe, iteration)
-    return graded_episodes(sampler, task, recipe, iteration, params, problems, prompts), {"num_prompts": float(len(problems))}
+    episodes = graded_episodes(sampler, tokenizer, task, recipe, iteration, params, problems, prompts)
+    return episodes, {"num_prompts": float(len(problems))}
 
 
 def graded_episodes(
-    sampler, task: Task, recipe: Recipe, iteration: int, params, problems: list, prompts: list[str], metadata=None
+    sampler, tokenizer, task: Task, recipe: Recipe, iteration: int, params, problems: list, prompts: list[str],
+    metadata=None,
 ) -> list[Episode]:
     """Sample `params.n` responses per prompt and grade them; `metadata[i]` goes on every episode of prompt i."""
     groups = sampler.generate(prompts, params, seed=derive_seed(recipe.run.seed, "sample", iteration))
@@ -185,10 +188,21 @@ def graded_episodes(
             response_entropies=c.entropies,
             finish_reason=c.finish_reason,
             reward=r,
+            first_error=first_error_token(task, tokenizer, p, c.text, c.token_ids) if r < 1.0 else None,
             metadata=dict(metadata[i]) if metadata is not None else {},
         )
         for k, ((i, p, prompt, c), r) in enumerate(zip(flat, rewards))
     ]
+
+
+def first_error_token(task: Task, tokenizer, problem, text: str, token_ids: list[int]) -> int | None:
+    """The response token where a wrong response first departs from a correct solution, on a task that can tell."""
+    if task.first_error is None:
+        return None
+    offset = task.first_error(text, problem)
+    if offset is None:
+        return None
+    return token_at_char(offset, token_ids, lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
 
 
 def sample_single_stream(
@@ -210,7 +224,7 @@ def sample_single_stream(
     problems = [pool[i] for i in chosen]
     prompts = [apply_template(tokenizer, keys[i], task.use_chat_template) for i in chosen]
     metadata = [{BASELINE_KEY: {"key": keys[i], "value": tracker.value(keys[i])}} for i in chosen]
-    episodes = graded_episodes(sampler, task, recipe, iteration, params, problems, prompts, metadata)
+    episodes = graded_episodes(sampler, tokenizer, task, recipe, iteration, params, problems, prompts, metadata)
     return episodes, {"num_prompts": float(len(problems))}
 
 
@@ -423,6 +437,8 @@ def train(
                 sampled = episodes
                 episodes = partition_episodes(episodes, recipe.partitioner, tokenizer)
                 episodes, estimate_stats = estimate_advantages(episodes, recipe.estimator, state_values, critic_values)
+                # Against the task's ground truth, on this iteration's own responses (before replay adds older ones).
+                estimate_stats.update(credit_metrics(episodes))
                 if replay is not None:
                     replay.add(episodes, iteration)
                     episodes = replay.draw(iteration, random.Random(derive_seed(seed, "replay", iteration)))

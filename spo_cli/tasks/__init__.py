@@ -34,6 +34,9 @@ class Task:
     sft_examples: Callable[[random.Random, int], list[Problem]] | None = None
     # seed -> the finite training set; None when problems are generated fresh every iteration
     train_pool: Callable[[int], list[Problem]] | None = None
+    # (response, problem) -> character offset where a wrong response first departs from a correct solution, None
+    # when it does not; None for a task that cannot tell (the credit metrics need it)
+    first_error: Callable[[str, Problem], int | None] | None = None
     close: Callable[[], None] = field(default=lambda: None)
 
     def rewards(self, responses: Sequence[str], golds: Sequence[str], finish_reasons: Sequence[str]) -> list[float]:
@@ -129,6 +132,7 @@ def _arith_task(spec: Arith, prompts_per_iteration: int) -> Task:
         penalize_truncated=spec.penalize_truncated,
         sft_examples=sft_examples,
         train_pool=train_pool if spec.train_pool_size is not None else None,
+        first_error=lambda response, problem: arith.first_error(response, problem.solution),
     )
 
 

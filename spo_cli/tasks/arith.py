@@ -4,11 +4,13 @@
     6*6=36\\n36-17=19\\n19*2=38\\n#### 38                  <- solution; answer "38"
 
 Every intermediate value stays in 0..max_val because each operand is drawn to keep it there.
-The reward is `spo_cli.tasks.gsm8k.reward` (same "#### <answer>" format).
+The reward is `spo_cli.tasks.gsm8k.reward` (same "#### <answer>" format). Every step of the worked solution is
+determined by the question, so `first_error` can say where a wrong response first departs from it.
 """
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -173,3 +175,16 @@ def distinct_problems(
         seen.add(problem.question)
         problems.append(problem)
     return problems
+
+
+def first_error(response: str, solution: str) -> int | None:
+    """Character offset in `response` of the first character that departs from the worked `solution`, or None when
+    none does (the response is the solution, up to trailing whitespace, or a prefix of it: cut short, not wrong).
+
+    The solution is the only correct response: each line is fixed by the question (start value, operation,
+    operand, result) and the format is the task's own, so the first differing character is where the response
+    first went wrong: the wrong digit of a result, a wrong operand, a skipped step, or an early "#### ".
+    A response that is unreadable from its start departs at 0.
+    """
+    common = len(os.path.commonprefix([response, solution]))
+    return None if common >= len(response.rstrip()) else common

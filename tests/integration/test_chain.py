@@ -8,8 +8,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 from rich.console import Console
 
+from spo_cli.credit import credit_metrics
 from spo_cli.episode import read_episodes, write_episodes
 from spo_cli.recipe import parse_recipe
 
@@ -67,6 +69,24 @@ def test_standalone_partition_and_estimate_reproduce_the_training_loop(tmp_path)
         for lp, a in zip(ep.response_logprobs, ep.token_advantages):
             if math.exp(lp) > 0.9:
                 assert a == 0.0
+
+    # Credit against ground truth: the arithmetic task marks where each wrong response departs from the solution,
+    # the loop logs the credit metrics of its advantages, and the standalone estimate prints the same figures.
+    assert any(ep.first_error is not None for ep in in_loop) and all(
+        ep.first_error is None for ep in in_loop if ep.reward == 1.0
+    )
+    credit = {k: v for k, v in metrics.items() if k.startswith("credit/")}
+    assert credit == credit_metrics(in_loop) and "credit/wrong_responses" in credit
+    assert f"credit/wrong_responses {credit['credit/wrong_responses']:g}" in out.stdout
+    # The same episodes under a response-level baseline: one advantage on every token puts blame before the
+    # first error exactly in proportion to the tokens there.
+    out = spo(
+        "estimate-values", str(recipe_file), "estimator.kind=rloo", "--in", str(tmp_path / "parted.jsonl"),
+        "--out", str(tmp_path / "rloo.jsonl"),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rloo = credit_metrics(read_episodes(tmp_path / "rloo.jsonl"))
+    assert rloo["credit/misplaced_blame"] == pytest.approx(rloo["credit/uniform_blame"])
 
 
 def test_partition_scores_episodes_without_logprobs(tmp_path):

@@ -29,7 +29,7 @@ def test_jsonl_round_trip(tmp_path):
     path = tmp_path / "eps.jsonl"
     write_episodes(path, eps)
     assert read_episodes(path) == eps
-    assert json.loads(path.read_text().splitlines()[0])["schema_version"] == 3
+    assert json.loads(path.read_text().splitlines()[0])["schema_version"] == 4
     assert not list(tmp_path.glob(".*tmp*")), "temporary file left behind"
 
 
@@ -91,15 +91,15 @@ def test_token_advantages_broadcast_segments():
 def test_version_1_records_still_read(tmp_path):
     row = json.loads(make_episode(segments=[Segment(start=0, end=3, advantage=0.5)]).model_dump_json())
     row["schema_version"] = 1
-    for key in ("response_entropies", "token_advantages", "response_values", "value_targets"):
+    for key in ("response_entropies", "token_advantages", "response_values", "value_targets", "first_error"):
         del row[key]
     del row["segments"][0]["is_boundary"]
     (tmp_path / "v1.jsonl").write_text(json.dumps(row) + "\n")
     (ep,) = read_episodes(tmp_path / "v1.jsonl")
     assert ep.segments[0].is_boundary and ep.token_advantages is None
     assert token_advantages(ep) == [0.5, 0.5, 0.5]
-    write_episodes(tmp_path / "v3.jsonl", [ep])
-    assert json.loads((tmp_path / "v3.jsonl").read_text())["schema_version"] == 3
+    write_episodes(tmp_path / "v4.jsonl", [ep])
+    assert json.loads((tmp_path / "v4.jsonl").read_text())["schema_version"] == 4
 
 
 def test_token_advantages_take_precedence_over_segments():
@@ -107,3 +107,9 @@ def test_token_advantages_take_precedence_over_segments():
     assert token_advantages(ep) == [0.5, 0.0, 0.5]
     with pytest.raises(ValueError, match="token_advantages has 2 entries for 3"):
         make_episode(token_advantages=[0.1, 0.2])
+
+
+def test_first_error_is_a_token_of_the_response():
+    assert make_episode(first_error=2).first_error == 2
+    with pytest.raises(ValueError, match="first_error is token 3 of a response of 3 tokens"):
+        make_episode(first_error=3)

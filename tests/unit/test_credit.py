@@ -1,0 +1,121 @@
+"""Ground-truth credit: where a wrong arithmetic response first departs from the solution, and the credit metrics
+that compare a method's advantages with it, on cases worked out by hand."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from spo_cli.credit import credit_metrics, localizes, misplaced_blame, most_negative_segment, token_at_char
+from spo_cli.episode import Segment
+from spo_cli.tasks.arith import first_error, make_problem
+
+from .test_episode import make_episode
+
+SOLUTION = "6*6=36\n36-17=19\n19*2=38\n#### 38"
+
+
+# ------------------------------------------------------------------------------------------ first_error
+
+
+def test_a_right_response_has_no_first_error():
+    assert first_error(SOLUTION, SOLUTION) is None
+    assert first_error(SOLUTION + "\n", SOLUTION) is None
+
+
+def test_wrong_from_the_first_step():
+    # "6*7=42...": the operand 7 (offset 2) is where it departs; "6*6=35": the 5 of the result (offset 5).
+    assert first_error("6*7=42\n42-17=25\n25*2=50\n#### 50", SOLUTION) == 2
+    assert first_error("6*6=35\n35-17=18\n18*2=36\n#### 36", SOLUTION) == 5
+
+
+def test_wrong_only_at_the_last_step():
+    wrong = "6*6=36\n36-17=19\n19*2=38\n#### 39"
+    assert first_error(wrong, SOLUTION) == len(wrong) - 1  # the 9 of the answer
+
+
+def test_a_wrong_digit_after_a_right_one_departs_at_the_wrong_digit():
+    # "36-17=18": the 1 matches 19's first digit; the 8 is the first wrong character (offset 7 + 8).
+    assert first_error("6*6=36\n36-17=18\n18*2=36\n#### 36", SOLUTION) == len("6*6=36\n36-17=1")
+
+
+def test_a_skipped_step_or_early_answer_departs_where_the_step_was_due():
+    assert first_error("6*6=36\n#### 36", SOLUTION) == len("6*6=36\n")
+    assert first_error("6*6=36\n19*2=38\n#### 38", SOLUTION) == len("6*6=36\n")
+
+
+def test_an_unreadable_response_departs_at_its_start():
+    assert first_error("banana", SOLUTION) == 0
+    assert first_error("", SOLUTION) is None  # nothing in it is wrong: it is only short
+
+
+def test_a_response_cut_short_is_not_wrong_anywhere():
+    assert first_error("6*6=36\n36-1", SOLUTION) is None
+
+
+def test_first_error_on_generated_problems_points_at_the_changed_character():
+    rng = random.Random(0)
+    for _ in range(50):
+        solution = make_problem(rng, rng.randint(6, 12)).solution
+        k = rng.randrange(len(solution))
+        changed = solution[:k] + ("X" if solution[k] != "X" else "Y") + solution[k + 1 :]
+        assert first_error(changed, solution) == k
+
+
+# -------------------------------------------------------------------------------------- token_at_char
+
+
+def test_token_at_char_with_multi_character_tokens():
+    pieces = ["6*", "6=", "36", "\n", "####", " 38"]
+    decode = lambda ids: "".join(pieces[i] for i in ids)  # noqa: E731
+    ids = list(range(len(pieces)))
+    assert [token_at_char(c, ids, decode) for c in (0, 1, 2, 4, 5, 6, 7, 11, 13)] == [0, 0, 1, 2, 2, 3, 4, 5, 5]
+    assert token_at_char(14, ids, decode) is None
+
+
+# -------------------------------------------------------------------------------------------- metrics
+
+
+def test_misplaced_blame_by_hand():
+    # Negative mass: 1 + 0 + 3 = 4 over tokens 0..3; before token 2 lies 1 of it.
+    assert misplaced_blame([-1.0, 0.5, -3.0, 0.0], first_error=2) == pytest.approx(0.25)
+    assert misplaced_blame([-1.0, -1.0, -1.0, -1.0], first_error=3) == pytest.approx(0.75)  # uniform: 3 of 4 tokens
+    assert misplaced_blame([0.0, 0.0, -2.0], first_error=2) == 0.0  # all on the wrong token: ideal
+    assert misplaced_blame([0.2, 0.0], first_error=1) is None  # no blame at all
+
+
+def test_most_negative_segment_and_localization():
+    segments = [(0, 4, -0.1), (4, 9, -0.6), (9, 12, -0.6), (12, 15, 0.3)]
+    assert most_negative_segment(segments) == (4, 9)  # the earliest of the tied lowest
+    assert most_negative_segment([(0, 3, 0.0), (3, 5, 0.2)]) is None
+    assert localizes((4, 9), 4) and localizes((4, 9), 8) and not localizes((4, 9), 9)
+    assert localizes((4, 9), 1, slack=3) and not localizes((4, 9), 0, slack=3)  # starts 3 tokens after the error
+
+
+def test_credit_metrics_over_episodes():
+    seg = lambda start, end, a: Segment(start=start, end=end, advantage=a)  # noqa: E731
+    ids = list(range(10))
+    common = dict(response_token_ids=ids, response_logprobs=[-0.1] * 10, reward=0.0)
+    episodes = [
+        # A chain-like assigner: all blame on the segment holding the first error (token 6).
+        make_episode(id="a", first_error=6, segments=[seg(0, 6, 0.0), seg(6, 10, -0.5)], **common),
+        # Group-like: one advantage everywhere, error at token 2 -> misplaced 2/10.
+        make_episode(id="b", first_error=2, segments=[seg(0, 10, -1.0)], **common),
+        # Wrong but unblamed (an all-wrong group under GRPO): counted in blamed_share only.
+        make_episode(id="c", first_error=4, segments=[seg(0, 10, 0.0)], **common),
+        # Right responses and unknown errors do not count.
+        make_episode(id="d", segments=[seg(0, 10, 1.0)], **{**common, "reward": 1.0}),
+    ]
+    out = credit_metrics(episodes)
+    assert out == pytest.approx(
+        {
+            "credit/wrong_responses": 3.0,
+            "credit/blamed_share": 2 / 3,
+            "credit/misplaced_blame": (0.0 + 0.2) / 2,
+            "credit/uniform_blame": (0.6 + 0.2) / 2,
+            "credit/localization": 1.0,
+            "credit/blamed_span": (0.4 + 1.0) / 2,
+        }
+    )
+    assert credit_metrics(episodes[3:]) == {}
