@@ -14,7 +14,7 @@ import yaml
 from spo_cli.errors import SpoUserError
 from spo_cli.fsutil import atomic_write_text
 from spo_cli.report.credit import CSS, credit_section, pick_episodes
-from spo_cli.report.curves import PNG_SOFTWARE, RunCurves, plot_curves, read_curves
+from spo_cli.report.curves import PNG_SOFTWARE, RunCurves, plot_credit, plot_curves, read_curves
 
 # How every report.html spo writes begins: what marks an existing one as spo's, to be replaced.
 HTML_HEAD = "<!doctype html><html><head><meta charset='utf-8'><title>spo report</title>"
@@ -63,23 +63,46 @@ def write_report(
     with _writing(out_dir):
         plot_curves(groups, curves_png, smooth=smooth)
     log(f"wrote {curves_png}")
+    written = {"curves": curves_png}
+    if any(c.credit for runs in groups.values() for c in runs):
+        written["credit"] = out_dir / "credit.png"
+        with _writing(out_dir):
+            plot_credit(groups, written["credit"], smooth=smooth)
+        log(f"wrote {written['credit']}")
     sections = []
     for label, run_dir in runs:
         sections.append(_credit_for_run(label, run_dir, iteration, episodes_per_run, low_prob))
-    image = base64.b64encode(curves_png.read_bytes()).decode()
     page = (
         f"{HTML_HEAD}<style>{CSS}</style></head><body><h1>spo report</h1>"
-        f"{_summary_table(groups)}"
-        f"<img alt='learning curves' style='max-width: 100%' src='data:image/png;base64,{image}'>"
+        f"{_summary_table(groups)}{_image(curves_png, 'learning curves')}"
+        f"{_credit_metrics_section(written.get('credit'))}"
         "<h1>Credit assignment</h1><p class='meta'>Sampled responses as they were trained: each token coloured by its "
-        "advantage, bars at segment starts, underlined tokens had low probability under the sampling policy.</p>"
-        f"{''.join(sections)}</body></html>\n"
+        "advantage, bars at segment starts, underlined tokens had low probability under the sampling policy, and a "
+        "boxed token is where a wrong response first departed from the correct solution (where the task knows it)."
+        f"</p>{''.join(sections)}</body></html>\n"
     )
-    report_html = out_dir / "report.html"
+    written["html"] = out_dir / "report.html"
     with _writing(out_dir):
-        atomic_write_text(report_html, page)
-    log(f"wrote {report_html}")
-    return {"curves": curves_png, "html": report_html}
+        atomic_write_text(written["html"], page)
+    log(f"wrote {written['html']}")
+    return written
+
+
+def _image(png: Path, alt: str) -> str:
+    data = base64.b64encode(png.read_bytes()).decode()
+    return f"<img alt='{alt}' style='max-width: 100%' src='data:image/png;base64,{data}'>"
+
+
+def _credit_metrics_section(png: Path | None) -> str:
+    if png is None:
+        return ""
+    return (
+        "<h2>Credit against ground truth</h2><p class='meta'>On wrong responses whose first wrong token the task "
+        "knows: <b>misplaced blame</b>, the share of the negative advantage on tokens before the first error (dashed: "
+        "the share of tokens there, what one advantage per response scores; 0 is ideal), and <b>localization</b>, "
+        "the share whose most negative segment holds the first wrong token (a single segment per response holds it "
+        "trivially). See spo_cli/credit.py.</p>" + _image(png, "credit metrics")
+    )
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -89,10 +112,11 @@ def check_out_dir(out_dir: Path) -> None:
             f"--out {out_dir}: is a file; --out names the directory that spo report writes curves.png and "
             "report.html into"
         )
-    html_file, png = out_dir / "report.html", out_dir / "curves.png"
+    html_file, png, credit_png = out_dir / "report.html", out_dir / "curves.png", out_dir / "credit.png"
     ours = _starts_with(html_file, HTML_HEAD.encode())
     # A curves.png from spo versions before its marker is recognised by the spo report.html beside it.
-    for path, written_by_spo in ((html_file, ours), (png, ours or _has_png_text(png, PNG_SOFTWARE))):
+    checks = ((html_file, ours), (png, ours or _has_png_text(png, PNG_SOFTWARE)), (credit_png, _has_png_text(credit_png, PNG_SOFTWARE)))
+    for path, written_by_spo in checks:
         if path.exists() and not written_by_spo:
             raise SpoUserError(
                 f"--out {out_dir}: {path} is not a file spo report wrote; move it away or choose another --out"
@@ -135,14 +159,22 @@ def _summary_table(groups: dict[str, list[RunCurves]]) -> str:
             last = f"{c.accuracy.values[-1]:.3f}" if c.accuracy.values else ""
             iters = int(c.reward.iterations[-1]) if c.reward.iterations else 0
             seconds = f"{c.reward.seconds[-1]:.0f}" if c.reward.seconds else ""
+            credit = "".join(f"<td>{_run_mean(c, key)}</td>" for key in ("credit/misplaced_blame", "credit/localization"))
             rows.append(
                 f"<tr><td style='text-align:left'>{html.escape(label)}</td><td style='text-align:left'>{html.escape(str(c.run_dir))}</td>"
-                f"<td>{iters}</td><td>{seconds}</td><td>{first}</td><td>{last}</td></tr>"
+                f"<td>{iters}</td><td>{seconds}</td><td>{first}</td><td>{last}</td>{credit}</tr>"
             )
     return (
         "<table><tr><th>run</th><th>directory</th><th>iterations</th><th>wall time (s)</th>"
-        "<th>held-out accuracy, first</th><th>last</th></tr>" + "".join(rows) + "</table>"
+        "<th>held-out accuracy, first</th><th>last</th><th>misplaced blame (mean)</th><th>localization (mean)</th></tr>"
+        + "".join(rows)
+        + "</table>"
     )
+
+
+def _run_mean(curves: RunCurves, key: str) -> str:
+    values = curves.credit[key].values if key in curves.credit else []
+    return f"{sum(values) / len(values):.3f}" if values else ""
 
 
 def _credit_for_run(label: str, run_dir: Path, iteration: int | None, count: int, low_prob: float | None) -> str:

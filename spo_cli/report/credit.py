@@ -18,6 +18,7 @@ h1, h2, h3 { font-weight: 600; }
 .prompt { font-family: ui-monospace, monospace; font-size: 0.85em; white-space: pre-wrap; color: #555; }
 .tok { border-radius: 2px; }
 .low { border-bottom: 2px solid #1f4fd1; font-weight: 600; }
+.err { outline: 2px solid #111; outline-offset: 1px; }
 .cut { display: inline-block; width: 0; height: 1.3em; border-left: 2px solid #111; margin: 0 1px; vertical-align: middle; }
 .legend span { padding: 0 0.5em; margin-right: 0.5em; }
 table { border-collapse: collapse; } td, th { border: 1px solid #ddd; padding: 0.2em 0.6em; text-align: right; }
@@ -85,8 +86,10 @@ def episode_html(ep: Episode, tokenizer, scale: float, low_prob: float) -> str:
             spans.append('<span class="cut"></span>')
         p = math.exp(logprobs[i]) if logprobs[i] is not None else None
         classes = "tok low" if p is not None and p < low_prob else "tok"
+        if i == ep.first_error:
+            classes += " err"
         seg = ep.segments[segment_of[i]] if ep.segments else None
-        tip = f"token {i}: {piece!r}  A={advantages[i]:+.3f}"
+        tip = f"token {i}: {piece!r}  A={advantages[i]:+.3f}" + ("  first wrong token" if i == ep.first_error else "")
         if p is not None:
             tip += f"  p={p:.3f}"
         if seg is not None:
@@ -100,6 +103,8 @@ def episode_html(ep: Episode, tokenizer, scale: float, low_prob: float) -> str:
     meta = (
         f"reward {ep.reward:g}" if ep.reward is not None else "no reward"
     ) + f" · gold {html.escape(str(ep.gold))} · {len(pieces)} tokens · {len(ep.segments or [])} segments ({seg_adv}) · {ep.finish_reason}"
+    if ep.first_error is not None:
+        meta += f" · first wrong token {ep.first_error}"
     return (
         '<div class="episode">'
         f'<div class="meta">{meta}</div>'
@@ -117,7 +122,8 @@ def credit_section(title: str, episodes: Sequence[Episode], tokenizer, low_prob:
         f'<span style="{advantage_color(scale, scale)}">advantage +{scale:.2f}</span>'
         f'<span style="{advantage_color(-scale, scale)}">advantage -{scale:.2f}</span>'
         f'<span class="low">p &lt; {low_prob:g}</span>'
-        '<span><span class="cut"></span> segment start</span> (hover a token for its numbers)</div>'
+        '<span><span class="cut"></span> segment start</span><span class="tok err">first wrong token</span>'
+        " (hover a token for its numbers)</div>"
     )
     body = "".join(episode_html(ep, tokenizer, scale, low_prob) for ep in episodes) or "<p>no episodes with advantages</p>"
     return f"<h2>{html.escape(title)}</h2>{legend}{body}"

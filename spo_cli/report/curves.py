@@ -18,6 +18,8 @@ PNG_SOFTWARE = "spo report"
 
 # Held-out accuracy metrics in the order preferred for the plot.
 ACCURACY_KEYS = ("eval/greedy_accuracy", "eval/sampled_accuracy")
+# The ground-truth credit metrics a run logs on a task that knows each wrong response's first error (spo_cli/credit.py).
+CREDIT_KEYS = ("credit/misplaced_blame", "credit/uniform_blame", "credit/localization")
 
 
 @dataclass
@@ -36,6 +38,7 @@ class RunCurves:
     reward: Series
     accuracy: Series
     accuracy_key: str | None  # which eval metric `accuracy` holds, None without evaluations
+    credit: dict[str, Series] = field(default_factory=dict)  # CREDIT_KEYS the run logged, by iteration
 
 
 def read_curves(run_dir: Path, label: str, accuracy: str | None = None) -> RunCurves:
@@ -58,14 +61,17 @@ def read_curves(run_dir: Path, label: str, accuracy: str | None = None) -> RunCu
         raise SpoUserError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     elapsed, clock = {0: 0.0}, 0.0
     reward = Series()
+    credit: dict[str, Series] = {}
     for r in records:
         it = int(r.get("iteration", 0))
         clock += float(r.get("time/iteration_s", 0.0))
         elapsed[it] = clock
-        if "reward" in r:
-            reward.iterations.append(it)
-            reward.seconds.append(clock)
-            reward.values.append(float(r["reward"]))
+        for key in ("reward", *CREDIT_KEYS):
+            if key in r:
+                series = reward if key == "reward" else credit.setdefault(key, Series())
+                series.iterations.append(it)
+                series.seconds.append(clock)
+                series.values.append(float(r[key]))
     points: dict[int, dict] = {}
     for name in ("eval_before.json", "eval_after.json"):
         if (run_dir / name).is_file():
@@ -82,7 +88,7 @@ def read_curves(run_dir: Path, label: str, accuracy: str | None = None) -> RunCu
             accuracy.iterations.append(it)
             accuracy.seconds.append(elapsed[it])
             accuracy.values.append(float(points[it][key]))
-    return RunCurves(label, run_dir, reward, accuracy, key)
+    return RunCurves(label, run_dir, reward, accuracy, key, credit)
 
 
 def moving_average(values: Sequence[float], window: int) -> list[float]:
@@ -162,6 +168,51 @@ def plot_curves(groups: dict[str, list[RunCurves]], path: Path, smooth: int = 0)
             ax.grid(alpha=0.3)
             if ax.lines:
                 ax.legend(fontsize="small")
+    _save(fig, path)
+
+
+def plot_credit(groups: dict[str, list[RunCurves]], path: Path, smooth: int = 0) -> None:
+    """A 1x2 PNG of the ground-truth credit metrics against iteration: misplaced blame (solid; dashed, the share of
+    tokens before the first error, what one advantage per response would score) and localization."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), constrained_layout=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    panels = (
+        (axes[0], "credit/misplaced_blame", "misplaced blame (lower is better)"),
+        (axes[1], "credit/localization", "localization (higher is better)"),
+    )
+    for g, (label, runs) in enumerate(groups.items()):
+        color = colors[g % len(colors)]
+        for ax, key, _ in panels:
+            for style, name in (("-", key), ("--", "credit/uniform_blame" if key.endswith("blame") else None)):
+                curves = [
+                    (c.credit[name].iterations, moving_average(c.credit[name].values, smooth or 5))
+                    for c in runs
+                    if name in c.credit and c.credit[name].values
+                ]
+                if not curves:
+                    continue
+                x, mean, low, high = band(curves)
+                ax.plot(x, mean, style, color=color, label=label if style == "-" else None)
+                if len(curves) > 1 and style == "-":
+                    ax.fill_between(x, low, high, color=color, alpha=0.2, linewidth=0)
+    for ax, _, title in panels:
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="small")
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     # The Software text chunk marks the file as spo's: a later report may replace it, never a user's own PNG.

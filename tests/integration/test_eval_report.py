@@ -156,6 +156,8 @@ def test_report_plots_runs_and_renders_credit_assignment(trained, tmp_path):
     assert "iter 000003" in page and 'class="cut"' in page and "rgba(" in page
     assert "p &lt; 0.9" in page  # the run's cutpoint rho marks low-probability tokens
     assert "src=" not in page.replace("src='data:image/png", "")  # nothing loaded from elsewhere
+    # The arithmetic task knows each wrong response's first error: the run logged the credit metrics.
+    assert (out / "credit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "Credit against ground truth" in page
 
     missing = spo("report", str(tmp_path / "nope"))
     assert missing.returncode == 2 and "no such run directory" in missing.stderr

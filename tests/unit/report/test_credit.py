@@ -57,3 +57,12 @@ def test_episode_html_marks_segments_low_probability_and_advantage_sign():
     assert out.count("rgba(0, 150, 60") == 1 and out.count("rgba(210, 40, 40") == 2
     page = credit_section("run", [ep], build_byte_tokenizer(), 0.5)
     assert "advantage +0.50" in page
+
+
+def test_the_first_wrong_token_is_boxed_and_named():
+    ep = _episode(0, "6*7=42", 0.0, [-0.5], [], [0.9] * 6).model_copy(update={"first_error": 2})
+    out = episode_html(ep, build_byte_tokenizer(), scale=0.5, low_prob=0.5)
+    assert out.count("tok err") == 1 and ">7</span>" in out.split("tok err")[1][:200]
+    assert "first wrong token 2" in out  # in the response's header line
+    right = episode_html(_episode(1, "6*6=36", 1.0, [0.5], [], [0.9] * 6), build_byte_tokenizer(), 0.5, 0.5)
+    assert "tok err" not in right and "first wrong token" not in right

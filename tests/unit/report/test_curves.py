@@ -7,7 +7,7 @@ import json
 import pytest
 
 from spo_cli.errors import SpoUserError
-from spo_cli.report.curves import band, moving_average, plot_curves, read_curves
+from spo_cli.report.curves import band, moving_average, plot_credit, plot_curves, read_curves
 
 
 def _run(tmp_path, records, before=None, after=None, torn=False):
@@ -74,3 +74,18 @@ def test_plot_curves_writes_a_png(tmp_path):
     plot_curves({"a": [curves, curves]}, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     assert not list(out.parent.glob(".*tmp"))
+
+
+def test_credit_metrics_are_read_by_iteration_and_plotted(tmp_path):
+    records = [
+        {"iteration": 1, "reward": 0.1, "time/iteration_s": 1.0, "credit/misplaced_blame": 0.5, "credit/uniform_blame": 0.6},
+        {"iteration": 2, "reward": 0.2, "time/iteration_s": 1.0},  # no wrong response with a known error
+        {"iteration": 3, "reward": 0.3, "time/iteration_s": 1.0, "credit/misplaced_blame": 0.3, "credit/localization": 0.8},
+    ]
+    curves = read_curves(_run(tmp_path, records), "a")
+    assert curves.credit["credit/misplaced_blame"].iterations == [1, 3]
+    assert curves.credit["credit/misplaced_blame"].values == [0.5, 0.3]
+    assert curves.credit["credit/uniform_blame"].values == [0.6] and curves.credit["credit/localization"].values == [0.8]
+    out = tmp_path / "credit.png"
+    plot_credit({"a": [curves]}, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and b"spo report" in out.read_bytes()[:4096]
