@@ -1,12 +1,12 @@
-"""Ground-truth credit of every estimator on the same saved episodes (BENCHMARKS.md, "Credit assignment on the
-long-chain testbed"): the cleanest comparison of credit assignment itself, since only the estimator differs.
+"""Ground-truth credit of every estimator on the same saved episodes of the long-chain testbed: the cleanest
+comparison of credit assignment itself, since only the estimator differs.
 
 The episodes are one iteration of responses sampled by a warm start on a task that knows each wrong response's first
-error (by default those of bench/long_arith_testbed.py's chosen configuration). Each estimator re-partitions them
-with `spo partition` and estimates their advantages with `spo estimate-values` (Monte Carlo rollouts from the same
-warm start), and the credit metrics of the result are printed (spo_cli/credit.py): misplaced blame (share of the
-negative advantage before the first wrong token; uniform = the share of tokens there), localization (the most
-negative segment holds the first wrong token) and the blamed span.
+error (by default those of bench/long_arith_testbed.py's candidate T5, the settings the recipes hold). Each
+estimator re-partitions them with `spo partition` and estimates their advantages with `spo estimate-values` (Monte
+Carlo rollouts from the same warm start), and the credit metrics of the result are printed (spo_cli/credit.py):
+misplaced blame (share of the negative advantage before the first wrong token; uniform = the share of tokens there),
+localization (the most negative segment holds the first wrong token) and the blamed span.
 
 Estimators that need more than the episodes are left out here and measured in the training loop instead: gae and
 segment_gae with a critic (a critic's values mean something only after training with the run), mc_tree (it samples
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +52,7 @@ def main() -> None:
     from spo_cli.credit import credit_metrics
     from spo_cli.episode import read_episodes
 
-    testbed = ROOT / "bench_runs" / "long_arith_testbed" / "T1"
+    testbed = ROOT / "bench_runs" / "long_arith_testbed" / "T5"  # the recipes' settings
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--episodes", type=Path, default=testbed / "run" / "episodes" / "iter_000001.jsonl")
     parser.add_argument("--policy", type=Path, default=testbed / "warm" / "warm_start")
@@ -62,7 +63,7 @@ def main() -> None:
     rows = {}
     print(f"{'estimator':<24}" + "".join(f"{k.removeprefix('credit/'):>16}" for k in SHOWN))
     for name, overrides in ESTIMATORS.items():
-        stem = name.split(" ")[0].replace(",", "") + name.split(" ")[-1].strip("()")
+        stem = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
         parted, estimated = args.out / f"{stem}.parted.jsonl", args.out / f"{stem}.jsonl"
         spo("partition", RECIPE, *overrides, "--in", str(args.episodes), "--out", str(parted), "--policy", str(args.policy))
         spo("estimate-values", RECIPE, *overrides, "--in", str(parted), "--out", str(estimated),
