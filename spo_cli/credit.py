@@ -9,9 +9,10 @@ can be checked against it:
   spreads one advantage over every token, so its figure is the share of tokens before the error
   (`uniform_blame`); an ideal assigner puts none there.
 - localization: the share of wrong responses whose most negative segment contains the first wrong token, or
-  starts within `slack` tokens after it (a segment boundary may fall just after a wrong digit). Ties go to the
-  earliest segment. A method with one segment per response localizes trivially, which `blamed_span` (the share of
-  the response that most negative segment covers) shows.
+  starts within `slack` tokens after it (a segment boundary may fall just after a wrong digit). Segments tied at the
+  lowest advantage are blamed together (one advantage spread over several segments blames them all alike). A method
+  with one advantage per response localizes trivially, which `blamed_span` (the share of the response the blamed
+  segments cover) shows.
 
 Only wrong responses with a known first error count, and only those with some negative advantage count for
 misplaced blame and localization (`blamed_share` says how many: GRPO gives a group of all-wrong responses none).
@@ -54,20 +55,17 @@ def misplaced_blame(advantages: Sequence[float], first_error: int) -> float | No
     return sum(negative[:first_error]) / total
 
 
-def most_negative_segment(segments: Sequence[tuple[int, int, float]]) -> tuple[int, int] | None:
-    """(start, end) of the segment with the lowest advantage among those below 0 (the earliest on a tie), else
-    None. `segments` are (start, end, advantage) in response order."""
-    lowest = None
-    for start, end, advantage in segments:
-        if advantage < 0 and end > start and (lowest is None or advantage < lowest[2]):
-            lowest = (start, end, advantage)
-    return None if lowest is None else (lowest[0], lowest[1])
+def most_negative_segments(segments: Sequence[tuple[int, int, float]]) -> list[tuple[int, int]]:
+    """(start, end) of every non-empty segment at the lowest advantage, if that is below 0 (ties blamed together),
+    else []. `segments` are (start, end, advantage) in response order."""
+    blamed = [(start, end, a) for start, end, a in segments if a < 0 and end > start]
+    lowest = min((a for _, _, a in blamed), default=None)
+    return [(start, end) for start, end, a in blamed if a == lowest]
 
 
-def localizes(span: tuple[int, int], first_error: int, slack: int = LOCALIZATION_SLACK) -> bool:
-    """Whether the blamed `span` [start, end) holds `first_error` or starts at most `slack` tokens after it."""
-    start, end = span
-    return start <= first_error < end or first_error < start <= first_error + slack
+def localizes(spans: Sequence[tuple[int, int]], first_error: int, slack: int = LOCALIZATION_SLACK) -> bool:
+    """Whether a blamed span [start, end) holds `first_error` or starts at most `slack` tokens after it."""
+    return any(start <= first_error < end or first_error < start <= first_error + slack for start, end in spans)
 
 
 def credit_metrics(episodes: Sequence[Episode], slack: int = LOCALIZATION_SLACK) -> dict[str, float]:
@@ -79,14 +77,14 @@ def credit_metrics(episodes: Sequence[Episode], slack: int = LOCALIZATION_SLACK)
     misplaced, uniform, localized, spans = [], [], [], []
     for ep in wrong:
         share = misplaced_blame(token_advantages(ep), ep.first_error)
-        blamed = most_negative_segment([(s.start, s.end, s.advantage or 0.0) for s in ep.segments])
-        if share is None or blamed is None:
+        blamed = most_negative_segments([(s.start, s.end, s.advantage or 0.0) for s in ep.segments])
+        if share is None or not blamed:
             continue
         n = len(ep.response_token_ids)
         misplaced.append(share)
         uniform.append(ep.first_error / n)
         localized.append(float(localizes(blamed, ep.first_error, slack)))
-        spans.append((blamed[1] - blamed[0]) / n)
+        spans.append(sum(end - start for start, end in blamed) / n)
     out = {"credit/wrong_responses": float(len(wrong)), "credit/blamed_share": len(misplaced) / len(wrong)}
     if misplaced:
         out.update(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,3 +90,21 @@ def free_port() -> int:
 
 def requires_shared_data(*parts: str):
     return pytest.mark.skipif(not DATA.joinpath(*parts).exists(), reason=f"{DATA.joinpath(*parts)} not present")
+
+
+def spo_in_process(*argv: str) -> tuple[int, str]:
+    """(exit code, stderr) of `spo ARGV...` through the real entry point, in this process (a subprocess would import
+    torch again each time)."""
+    from spo_cli.cli import main
+
+    err, old = io.StringIO(), sys.argv
+    sys.argv = ["spo", *argv]
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        sys.argv = old
+    return code, err.getvalue()

@@ -33,17 +33,9 @@ def group_advantages(
     Raises:
         ValueError: if ``rewards`` and ``group_ids`` differ in length.
     """
-    if len(rewards) != len(group_ids):
-        raise ValueError(
-            "rewards and group_ids must have the same length, "
-            f"got {len(rewards)} and {len(group_ids)}"
-        )
-    members: dict[Hashable, list[int]] = {}
-    for i, gid in enumerate(group_ids):
-        members.setdefault(gid, []).append(i)
 
     advantages = [0.0] * len(rewards)
-    for idx in members.values():
+    for idx in _groups(rewards, group_ids):
         values = [float(rewards[i]) for i in idx]
         # Tested explicitly: a float mean of equal values can differ from them in the last
         # ulp, and dividing that residue by a ~0 std would give a spurious non-zero advantage.
@@ -75,6 +67,19 @@ def rloo_advantages(rewards: Sequence[float], group_ids: Sequence[Hashable]) -> 
     Returns:
         list[float]: advantage per response, length ``N``, in input order.
     """
+    advantages = [0.0] * len(rewards)
+    for idx in _groups(rewards, group_ids):
+        values = [float(rewards[i]) for i in idx]
+        if len(values) < 2 or all(v == values[0] for v in values):
+            continue
+        total = math.fsum(values)
+        for i, v in zip(idx, values):
+            advantages[i] = v - (total - v) / (len(values) - 1)
+    return advantages
+
+
+def _groups(rewards: Sequence[float], group_ids: Sequence[Hashable]) -> list[list[int]]:
+    """Indices of each group's members, in first-seen order; rewards and ids must pair up."""
     if len(rewards) != len(group_ids):
         raise ValueError(
             "rewards and group_ids must have the same length, "
@@ -83,12 +88,4 @@ def rloo_advantages(rewards: Sequence[float], group_ids: Sequence[Hashable]) -> 
     members: dict[Hashable, list[int]] = {}
     for i, gid in enumerate(group_ids):
         members.setdefault(gid, []).append(i)
-    advantages = [0.0] * len(rewards)
-    for idx in members.values():
-        values = [float(rewards[i]) for i in idx]
-        if len(values) < 2 or all(v == values[0] for v in values):
-            continue
-        total = math.fsum(values)
-        for i, v in zip(idx, values):
-            advantages[i] = v - (total - v) / (len(values) - 1)
-    return advantages
+    return list(members.values())

@@ -13,8 +13,7 @@ import pytest
 from spo_cli.episode import Segment, model_fit_problem, read_episodes, write_episodes
 from spo_cli.errors import SpoUserError
 
-from ..conftest import tiny_recipe_dict, write_recipe
-from .test_bad_input import _run_cli
+from ..conftest import spo_in_process, tiny_recipe_dict, write_recipe
 from .test_episode import make_episode
 
 NAN, INF = float("nan"), float("inf")
@@ -37,7 +36,7 @@ def _refused(tmp_path: Path, command: str, path: Path, message: str, *args: str,
     """`spo <command> ... args` on `path` exits 2 with `message` (file:line: ...), no traceback and no output file."""
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe_dict(tmp_path, **recipe_sections))
     out = tmp_path / "out.jsonl"
-    code, err = _run_cli(command, str(recipe), "--in", str(path), "--out", str(out), *args)
+    code, err = spo_in_process(command, str(recipe), "--in", str(path), "--out", str(out), *args)
     assert code == 2, err
     assert message in err, err
     assert "Traceback" not in err and not out.exists()

@@ -4,9 +4,7 @@ Python's int-string conversion are still graded."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import io
 import json
 import pickle
 import shutil
@@ -17,26 +15,9 @@ import pytest
 
 from spo_cli.episode import write_episodes
 
-from ..conftest import tiny_recipe_dict, write_recipe
+from ..conftest import spo_in_process, tiny_recipe_dict, write_recipe
 from .test_episode import make_episode
 
-
-def run_cli(*argv: str) -> tuple[int, str]:
-    """(exit code, stderr) of `spo ARGV...` run in this process (a subprocess would import torch again each time)."""
-    from spo_cli.cli import main
-
-    err = io.StringIO()
-    old = sys.argv
-    sys.argv = ["spo", *argv]
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    finally:
-        sys.argv = old
-    return code, err.getvalue()
 
 
 def error_line(err: str) -> str:
@@ -115,7 +96,7 @@ def test_eval_of_a_damaged_checkpoint_names_the_file(tmp_path, model_dir, damage
     shutil.copytree(model_dir, damaged)
     damage(damaged)
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe_dict(tmp_path))
-    code, err = run_cli("eval", str(recipe), "--checkpoint", str(damaged), "--out", str(tmp_path / "e"))
+    code, err = spo_in_process("eval", str(recipe), "--checkpoint", str(damaged), "--out", str(tmp_path / "e"))
     assert code == 2, err
     line = error_line(err)
     assert f"{damaged / file}: " in line and message in line, line
@@ -125,7 +106,7 @@ def test_pickled_weights_are_refused_with_how_to_convert(tmp_path, model_dir):
     marker = tmp_path / "pwned"
     pickled = _pickled_only(model_dir, tmp_path / "pickled", marker)
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe_dict(tmp_path))
-    code, err = run_cli("eval", str(recipe), "--checkpoint", str(pickled), "--out", str(tmp_path / "e"))
+    code, err = spo_in_process("eval", str(recipe), "--checkpoint", str(pickled), "--out", str(tmp_path / "e"))
     assert code == 2, err
     line = error_line(err)
     assert f"{pickled}: holds only pickled PyTorch weights (pytorch_model.bin)" in line
@@ -143,7 +124,7 @@ def test_a_pretrained_model_with_pickled_weights_is_refused(tmp_path, model_dir,
     data["model"] = {"kind": "pretrained", "name_or_path": str(pickled), "dtype": "float32"}
     recipe = write_recipe(tmp_path / "recipe.yaml", data)
     extra = ["--max-problems", "1", "--out", str(tmp_path / "e")] if command == "eval" else []
-    code, err = run_cli(command, str(recipe), *extra)
+    code, err = spo_in_process(command, str(recipe), *extra)
     assert code == 2, err
     line = error_line(err)
     assert f"`model.name_or_path`: {pickled}: holds only pickled PyTorch weights" in line, line
@@ -176,7 +157,7 @@ def test_report_out_that_is_a_file_is_refused_and_kept(tmp_path):
     run = _run_dir(tmp_path / "run")
     mine = tmp_path / "report.html"
     mine.write_text("my own notes")
-    code, err = run_cli("report", str(run), "--out", str(mine))
+    code, err = spo_in_process("report", str(run), "--out", str(mine))
     assert code == 2, err
     line = error_line(err)
     assert f"--out {mine}: is a file" in line and mine.read_text() == "my own notes"
@@ -185,10 +166,10 @@ def test_report_out_that_is_a_file_is_refused_and_kept(tmp_path):
 def test_report_replaces_its_own_earlier_report_but_no_one_elses(tmp_path):
     run = _run_dir(tmp_path / "run")
     out = tmp_path / "out"
-    assert run_cli("report", str(run), "--out", str(out))[0] == 0
+    assert spo_in_process("report", str(run), "--out", str(out))[0] == 0
     first = (out / "report.html").read_text()
     (out / "report.html").write_text(first.replace("spo report</h1>", "spo report</h1><!-- stale -->"))
-    code, err = run_cli("report", str(run), "--out", str(out))  # an earlier spo report: replaced
+    code, err = spo_in_process("report", str(run), "--out", str(out))  # an earlier spo report: replaced
     assert code == 0, err
     assert (out / "report.html").read_text() == first and not list(out.glob(".*tmp*"))
 
@@ -196,7 +177,7 @@ def test_report_replaces_its_own_earlier_report_but_no_one_elses(tmp_path):
         theirs = tmp_path / f"theirs-{name}"
         theirs.mkdir()
         (theirs / name).write_text("someone else's")
-        code, err = run_cli("report", str(run), "--out", str(theirs))
+        code, err = spo_in_process("report", str(run), "--out", str(theirs))
         assert code == 2, err
         line = error_line(err)
         assert f"{theirs / name} is not a file spo report wrote" in line
@@ -248,7 +229,7 @@ def test_outputs_into_a_read_only_directory_end_in_one_line(tmp_path, read_only_
     ]
     try:
         for argv, path in cases:
-            code, err = run_cli(*argv)
+            code, err = spo_in_process(*argv)
             assert code == 2, (argv, err)
             line = error_line(err)
             assert f"{path}: Permission denied: " in line, (argv, line)
@@ -274,7 +255,7 @@ def test_an_os_error_naming_a_file_is_one_line(tmp_path, monkeypatch, error, cod
 
     monkeypatch.setattr(spo_cli.standalone, "partition_file", fail)
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe_dict(tmp_path))
-    got, err = run_cli("partition", str(recipe), "--in", "x.jsonl", "--out", "/data/o.jsonl")
+    got, err = spo_in_process("partition", str(recipe), "--in", "x.jsonl", "--out", "/data/o.jsonl")
     assert got == code, err
     assert message in error_line(err)
 
@@ -287,7 +268,7 @@ def test_an_unwritable_report_directory_says_to_pass_out(tmp_path, monkeypatch):
 
     monkeypatch.setattr(spo_cli.report, "plot_curves", fail)
     run = _run_dir(tmp_path / "run")
-    code, err = run_cli("report", str(run))
+    code, err = spo_in_process("report", str(run))
     assert code == 2, err
     line = error_line(err)
     assert f"{run / 'report'}: Permission denied" in line and "pass --out" in line
@@ -325,7 +306,7 @@ def test_a_field_of_the_wrong_type_is_named_with_its_type(tmp_path, task, rows, 
         data["task"] = {**task, "train_file": str(data_file)}
     recipe = write_recipe(tmp_path / "recipe.yaml", data)
     datasets = datasets.replace("FILE", str(data_file))
-    code, err = run_cli("eval", str(recipe), "--datasets", datasets, "--out", str(tmp_path / "e"))
+    code, err = spo_in_process("eval", str(recipe), "--datasets", datasets, "--out", str(tmp_path / "e"))
     assert code == 2, err
     line = error_line(err)
     assert message in line and "has no field" not in line, line

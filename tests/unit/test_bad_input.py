@@ -3,10 +3,7 @@ for the graders, and YAML that would construct Python objects."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import sys
 import tempfile
 import time
 import typing
@@ -21,7 +18,7 @@ from hypothesis import strategies as st
 from spo_cli.errors import SpoUserError
 from spo_cli.recipe import Recipe, parse_recipe
 
-from ..conftest import DATA, TINY_RECIPE
+from ..conftest import DATA, TINY_RECIPE, spo_in_process
 
 # --------------------------------------------------------------------------------------------- recipes
 
@@ -139,22 +136,6 @@ def _set(data: dict, path: list[str], value) -> dict:
     return data
 
 
-def _run_cli(*argv: str) -> tuple[int, str]:
-    from spo_cli.cli import main
-
-    err = io.StringIO()
-    old = sys.argv
-    sys.argv = ["spo", *argv]
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    finally:
-        sys.argv = old
-    return code, err.getvalue()
-
 
 def _check_refused(data_or_text, expect_in_message: str) -> None:
     """`spo recipe check` and `spo train` both exit 2 naming the problem, with no traceback and no run directory."""
@@ -174,7 +155,7 @@ def _check_refused(data_or_text, expect_in_message: str) -> None:
 
             load_recipe(path)
         for command in (["recipe", "check"], ["train"]):
-            code, err = _run_cli(*command, str(path))
+            code, err = spo_in_process(*command, str(path))
             assert code == 2, (command, err)
             assert expect_in_message in err, (command, expect_in_message, err)
             assert "Traceback" not in err
@@ -228,7 +209,7 @@ def test_yaml_that_would_build_python_objects_is_refused(tmp_path):
     text = text.replace("seed: 0", f"seed: !!python/object/apply:os.system ['touch {marker}']")
     path = tmp_path / "recipe.yaml"
     path.write_text(text)
-    code, err = _run_cli("train", str(path))
+    code, err = spo_in_process("train", str(path))
     assert code == 2 and "not valid YAML" in err
     assert not marker.exists() and not (tmp_path / "run").exists()
 
@@ -261,7 +242,7 @@ def test_bad_episode_files_name_file_and_line(tmp_path, content, message):
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(_base(tmp_path / "run")))
-    code, err = _run_cli("partition", str(recipe), "--in", str(path), "--out", str(tmp_path / "out.jsonl"))
+    code, err = spo_in_process("partition", str(recipe), "--in", str(path), "--out", str(tmp_path / "out.jsonl"))
     assert code == 2, err
     assert str(path) in err and message in err, err
     assert "Traceback" not in err and not (tmp_path / "out.jsonl").exists()
@@ -285,7 +266,7 @@ def test_bad_data_files_name_file_and_line(tmp_path, content, message):
     data["task"] = {"kind": "gsm8k", "train_file": str(path)}
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(data))
-    code, err = _run_cli("train", str(recipe))
+    code, err = spo_in_process("train", str(recipe))
     assert code == 2, err
     assert message in err, err
     assert "Traceback" not in err and not (tmp_path / "run").exists()

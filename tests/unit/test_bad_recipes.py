@@ -3,8 +3,6 @@ can, the field and line; never a traceback, a hang, gigabytes of memory or outpu
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 import resource
 import subprocess
@@ -20,7 +18,7 @@ from pydantic import ValidationError
 from spo_cli.errors import SpoUserError
 from spo_cli.recipe import Section, load_recipe, parse_recipe
 
-from ..conftest import REPO, tiny_recipe_dict
+from ..conftest import REPO, spo_in_process, tiny_recipe_dict
 
 
 def _subclasses(cls: type) -> list[type]:
@@ -52,22 +50,6 @@ def _spo(*args: str, **kwargs) -> subprocess.CompletedProcess:
     """The real command line in its own process."""
     return subprocess.run([sys.executable, "-m", "spo_cli", *args], cwd=REPO, capture_output=True, text=True, **kwargs)
 
-
-def _spo_here(*argv: str) -> tuple[int, str]:
-    """The real command line's entry point in this process (faster): exit code and stderr."""
-    from spo_cli.cli import main
-
-    err, old = io.StringIO(), sys.argv
-    sys.argv = ["spo", *argv]
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    finally:
-        sys.argv = old
-    return code, err.getvalue()
 
 
 # ------------------------------------------------------------------------------------- files that are not recipes
@@ -168,7 +150,7 @@ def test_non_finite_overrides_exit_2_on_the_command_line(tmp_path):
         f"  sampling.temperature (line {sampling}): Input should be a finite number (got -inf)\n"
         f"  optim.learning_rate (line {learning_rate}): Input should be a finite number (got inf)\n"
     )
-    code, err = _spo_here("recipe", "show", str(path), "eval.temperature=.nan")
+    code, err = spo_in_process("recipe", "show", str(path), "eval.temperature=.nan")
     assert code == 2 and "eval.temperature" in err and "Input should be a finite number (got nan)" in err
 
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from spo_cli.credit import credit_metrics, localizes, misplaced_blame, most_negative_segment, token_at_char
+from spo_cli.credit import credit_metrics, localizes, misplaced_blame, most_negative_segments, token_at_char
 from spo_cli.episode import Segment
 from spo_cli.tasks.arith import first_error, make_problem
 
@@ -87,10 +87,11 @@ def test_misplaced_blame_by_hand():
 
 def test_most_negative_segment_and_localization():
     segments = [(0, 4, -0.1), (4, 9, -0.6), (9, 12, -0.6), (12, 15, 0.3)]
-    assert most_negative_segment(segments) == (4, 9)  # the earliest of the tied lowest
-    assert most_negative_segment([(0, 3, 0.0), (3, 5, 0.2)]) is None
-    assert localizes((4, 9), 4) and localizes((4, 9), 8) and not localizes((4, 9), 9)
-    assert localizes((4, 9), 1, slack=3) and not localizes((4, 9), 0, slack=3)  # starts 3 tokens after the error
+    assert most_negative_segments(segments) == [(4, 9), (9, 12)]  # tied at the lowest: blamed together
+    assert most_negative_segments([(0, 3, 0.0), (3, 5, 0.2)]) == []
+    assert localizes([(4, 9)], 4) and localizes([(4, 9)], 8) and not localizes([(4, 9)], 9)
+    assert localizes([(4, 9), (9, 12)], 9)
+    assert localizes([(4, 9)], 1, slack=3) and not localizes([(4, 9)], 0, slack=3)  # starts 3 tokens after the error
 
 
 def test_credit_metrics_over_episodes():
@@ -102,6 +103,9 @@ def test_credit_metrics_over_episodes():
         make_episode(id="a", first_error=6, segments=[seg(0, 6, 0.0), seg(6, 10, -0.5)], **common),
         # Group-like: one advantage everywhere, error at token 2 -> misplaced 2/10.
         make_episode(id="b", first_error=2, segments=[seg(0, 10, -1.0)], **common),
+        # One advantage over two segments (a response-level baseline on cutpoint segments): both are blamed, so the
+        # error at token 1 is localized and the blamed span is the whole response; misplaced 1/10.
+        make_episode(id="e", first_error=1, segments=[seg(0, 4, -0.3), seg(4, 10, -0.3)], **common),
         # Wrong but unblamed (an all-wrong group under GRPO): counted in blamed_share only.
         make_episode(id="c", first_error=4, segments=[seg(0, 10, 0.0)], **common),
         # Right responses and unknown errors do not count.
@@ -110,12 +114,12 @@ def test_credit_metrics_over_episodes():
     out = credit_metrics(episodes)
     assert out == pytest.approx(
         {
-            "credit/wrong_responses": 3.0,
-            "credit/blamed_share": 2 / 3,
-            "credit/misplaced_blame": (0.0 + 0.2) / 2,
-            "credit/uniform_blame": (0.6 + 0.2) / 2,
+            "credit/wrong_responses": 4.0,
+            "credit/blamed_share": 3 / 4,
+            "credit/misplaced_blame": (0.0 + 0.2 + 0.1) / 3,
+            "credit/uniform_blame": (0.6 + 0.2 + 0.1) / 3,
             "credit/localization": 1.0,
-            "credit/blamed_span": (0.4 + 1.0) / 2,
+            "credit/blamed_span": (0.4 + 1.0 + 1.0) / 3,
         }
     )
-    assert credit_metrics(episodes[3:]) == {}
+    assert credit_metrics(episodes[4:]) == {}  # only the right response
