@@ -241,6 +241,14 @@ class Arith(Section):
         "ones every iteration. estimator.kind=single_stream needs it: it tracks a value per training prompt.",
     )
 
+    step_openers: list[Annotated[str, Field(max_length=32, pattern=r"^[^\n#0-9]*$")]] = Field(
+        [],
+        max_length=16,
+        description="Words that open the worked lines of the warm-start solutions, one drawn uniformly per line (e.g. "
+        "['So ', 'Then ', 'Now ', '']): phrasing forks that are never wrong, as real reasoning is full of. Rewards "
+        "and first_error accept any of them. Empty: every solution has one form. No newline, '#' or digit.",
+    )
+
     @model_validator(mode="after")
     def _ranges(self) -> Arith:
         if self.min_steps > self.max_steps or self.sft_min_steps > self.sft_max_steps:

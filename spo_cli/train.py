@@ -473,6 +473,9 @@ def train(
                     **estimate_stats,
                     **_segment_metrics(episodes),
                     "tokens_per_second": tokens / max(t_sample, 1e-9),
+                    # Every token the policy generated this iteration: responses (or tree nodes) and Monte Carlo
+                    # rollouts, what a comparison at equal sampled tokens counts.
+                    "tokens/generated": tokens + estimate_stats.get("mc/generated_tokens", 0.0),
                     "time/sample_s": t_sample,
                     "time/estimate_s": t_estimate,
                     "time/optimize_s": t_opt,

@@ -95,10 +95,10 @@ def estimate_advantages(
             return [_with_constant_advantage(ep, a) for ep, a in zip(episodes, adv)], {}
         case McChain():
             _check_rollouts(episodes, spec.kind, state_values)
-            return estimate_mc_chain(episodes, state_values, spec.zero_advantage_above)
+            return _counting_rollouts(state_values, lambda: estimate_mc_chain(episodes, state_values, spec.zero_advantage_above))
         case Vineppo():
             _check_rollouts(episodes, spec.kind, state_values)
-            return estimate_vineppo(episodes, state_values, spec.max_estimated_steps)
+            return _counting_rollouts(state_values, lambda: estimate_vineppo(episodes, state_values, spec.max_estimated_steps))
         case McTree():
             return estimate_mc_tree(episodes, spec.normalize_std, spec.eps)
         case Gae():
@@ -127,6 +127,16 @@ def estimate_advantages(
         case SingleStream():
             return estimate_single_stream(episodes, spec.adv_norm, spec.baseline, spec.eps)
     raise AssertionError(f"unhandled estimator kind {spec.kind!r}")
+
+
+def _counting_rollouts(state_values, estimate) -> tuple[list[Episode], dict[str, float]]:
+    """`estimate()`'s result, its metrics with "mc/generated_tokens": the tokens its rollouts sampled (where the
+    value callable counts them)."""
+    before = getattr(state_values, "generated_tokens", None)
+    episodes, stats = estimate()
+    if before is None:
+        return episodes, stats
+    return episodes, {**stats, "mc/generated_tokens": float(state_values.generated_tokens - before)}
 
 
 def _check_rollouts(episodes: Sequence[Episode], kind: str, state_values: StateValues | None) -> None:

@@ -27,6 +27,7 @@ class MonteCarloValues:
     unfinished_penalty: float
     run_seed: int
     seed_label: str = "mc_chain"  # the estimator kind: each kind draws its own rollout stream
+    generated_tokens: int = 0  # tokens of every continuation sampled so far (what the rollouts cost)
 
     def __call__(self, states: Sequence[ValueState], iteration: int) -> list[float]:
         if not states:
@@ -34,6 +35,7 @@ class MonteCarloValues:
         inputs = [list(s.prompt_token_ids) + list(s.prefix_token_ids) for s in states]
         groups = self.sampler.generate_ids(inputs, self.params, seed=derive_seed(self.run_seed, self.seed_label, iteration))
         texts, golds, reasons, owner = [], [], [], []
+        self.generated_tokens += sum(len(c.token_ids) for group in groups for c in group)
         for k, (state, group) in enumerate(zip(states, groups)):
             prefix = self.tokenizer.decode(list(state.prefix_token_ids), skip_special_tokens=True)
             for c in group:

@@ -87,7 +87,8 @@ def summarize(correct: Sequence[Sequence[bool]], answers: Sequence[Sequence[str 
     """Metrics of one evaluation from per-problem lists of K samples' correctness and vote keys.
 
     Shapes: `correct` and `answers` are [problems][K] with the same K for every problem.
-    Returns `accuracy` (pass@1: the mean over problems of c/K), and with K > 1 also `avg@K` (the same
+    Returns `accuracy` (pass@1: the mean over problems of c/K), and with K > 1 also `accuracy_se` (its sampling
+    standard error with the problems fixed, `sampling_standard_error`), `avg@K` (the same
     number under the name long-CoT papers use), `pass@K` (every problem's unbiased estimate is 1 if any
     sample is correct) and `maj@K` (majority vote over extracted answers).
     """
@@ -102,6 +103,7 @@ def summarize(correct: Sequence[Sequence[bool]], answers: Sequence[Sequence[str 
     per_problem = [sum(row) / k for row in correct]
     out = {"accuracy": sum(per_problem) / problems}
     if k > 1:
+        out["accuracy_se"] = sampling_standard_error([sum(row) for row in correct], k)
         out[f"avg@{k}"] = out["accuracy"]
         for j in (2**e for e in range(1, k.bit_length()) if 2**e < k):
             out[f"pass@{j}"] = sum(pass_at_k(k, sum(row), j) for row in correct) / problems

@@ -95,6 +95,7 @@ def _arith_task(spec: Arith, prompts_per_iteration: int) -> Task:
     from spo_cli.tasks import arith, gsm8k
 
     knobs = dict(max_start=spec.max_start, max_add=spec.max_add, max_mul=spec.max_mul, max_val=spec.max_val)
+    openers = tuple(spec.step_openers)
     held_out = arith.held_out_problems(spec.eval_seed, spec.eval_per_step, spec.eval_steps, **knobs)
     exclude = frozenset(p.question for p in held_out)
 
@@ -120,7 +121,10 @@ def _arith_task(spec: Arith, prompts_per_iteration: int) -> Task:
 
     def sft_examples(rng: random.Random, count: int) -> list[Problem]:
         batch = arith.sample_problems(rng, count, spec.sft_min_steps, spec.sft_max_steps, exclude, **knobs)
-        return [to_problem(p, "sft") for p in batch]
+        return [
+            Problem(id="sft", question=p.question, gold=p.answer, solution=arith.with_openers(p.solution, openers, rng))
+            for p in batch
+        ]
 
     return Task(
         name="arith",
@@ -132,7 +136,7 @@ def _arith_task(spec: Arith, prompts_per_iteration: int) -> Task:
         penalize_truncated=spec.penalize_truncated,
         sft_examples=sft_examples,
         train_pool=train_pool if spec.train_pool_size is not None else None,
-        first_error=lambda response, problem: arith.first_error(response, problem.solution),
+        first_error=lambda response, problem: arith.first_error(response, problem.solution, openers),
     )
 
 

@@ -177,14 +177,40 @@ def distinct_problems(
     return problems
 
 
-def first_error(response: str, solution: str) -> int | None:
-    """Character offset in `response` of the first character that departs from the worked `solution`, or None when
-    none does (the response is the solution, up to trailing whitespace, or a prefix of it: cut short, not wrong).
+def with_openers(solution: str, openers: Sequence[str], rng: random.Random) -> str:
+    """`solution` with each worked line (not the final "#### " line) opened by one of `openers`, drawn uniformly.
 
-    The solution is the only correct response: each line is fixed by the question (start value, operation,
-    operand, result) and the format is the task's own, so the first differing character is where the response
-    first went wrong: the wrong digit of a result, a wrong operand, a skipped step, or an early "#### ".
-    A response that is unreadable from its start departs at 0.
+    The openers are phrasing, never a mistake ("So 6*6=36"): the forks a real model's reasoning is full of, where
+    the next token is uncertain and yet nothing can go wrong. Without openers the solution is unchanged.
     """
-    common = len(os.path.commonprefix([response, solution]))
-    return None if common >= len(response.rstrip()) else common
+    if not openers:
+        return solution
+    *worked, answer = solution.split("\n")
+    return "\n".join([*(rng.choice(openers) + line for line in worked), answer])
+
+
+def first_error(response: str, solution: str, openers: Sequence[str] = ()) -> int | None:
+    """Character offset in `response` of the first character that departs from every correct response, or None when
+    none does (the response is correct, up to trailing whitespace, or a prefix of a correct one: cut short, not
+    wrong).
+
+    Without `openers` the worked `solution` is the only correct response: each line is fixed by the question (start
+    value, operation, operand, result) and the format is the task's own, so the first differing character is where
+    the response first went wrong: the wrong digit of a result, a wrong operand, a skipped step, or an early "#### ".
+    With `openers` (`with_openers`), each worked line may start with any one of them; the response departs where it
+    leaves the line's every opened form. A response that is unreadable from its start departs at 0.
+    """
+    if not openers:
+        common = len(os.path.commonprefix([response, solution]))
+        return None if common >= len(response.rstrip()) else common
+    *worked, answer = solution.split("\n")
+    pos = 0
+    lines = [[opener + line + "\n" for opener in openers] for line in worked] + [[answer]]
+    for expected in lines:
+        rest = response[pos:]
+        common = max(len(os.path.commonprefix([rest, form])) for form in expected)
+        matched = next((form for form in expected if rest.startswith(form)), None)
+        if matched is None:
+            return None if pos + common >= len(response.rstrip()) else pos + common
+        pos += len(matched)
+    return None if pos >= len(response.rstrip()) else pos

@@ -9,7 +9,7 @@ import pytest
 
 from spo_cli.credit import credit_metrics, localizes, misplaced_blame, most_negative_segments, token_at_char
 from spo_cli.episode import Segment
-from spo_cli.tasks.arith import first_error, make_problem
+from spo_cli.tasks.arith import first_error, make_problem, with_openers
 
 from .test_episode import make_episode
 
@@ -61,6 +61,46 @@ def test_first_error_on_generated_problems_points_at_the_changed_character():
         k = rng.randrange(len(solution))
         changed = solution[:k] + ("X" if solution[k] != "X" else "Y") + solution[k + 1 :]
         assert first_error(changed, solution) == k
+
+
+# ------------------------------------------------------------------------------ first_error with step openers
+
+OPENERS = ("So ", "Then ", "")
+
+
+def test_with_openers_opens_every_worked_line_and_not_the_answer():
+    opened = with_openers(SOLUTION, OPENERS, random.Random(0))
+    lines = opened.split("\n")
+    assert [line.removeprefix("So ").removeprefix("Then ") for line in lines[:-1]] == SOLUTION.split("\n")[:-1]
+    assert lines[-1] == "#### 38"
+    assert with_openers(SOLUTION, (), random.Random(0)) == SOLUTION
+
+
+def test_any_opener_on_any_line_is_right():
+    assert first_error("So 6*6=36\n36-17=19\nThen 19*2=38\n#### 38", SOLUTION, OPENERS) is None
+    assert first_error(SOLUTION, SOLUTION, OPENERS) is None  # every line opened by ""
+
+
+def test_with_openers_wrong_from_the_first_step():
+    # "Then 6*7": the 7 is offset 5 + 2.
+    assert first_error("Then 6*7=42\n42-17=25\n#### 25", SOLUTION, OPENERS) == 7
+
+
+def test_with_openers_wrong_only_at_the_last_step():
+    wrong = "So 6*6=36\nSo 36-17=19\nSo 19*2=38\n#### 39"
+    assert first_error(wrong, SOLUTION, OPENERS) == len(wrong) - 1
+
+
+def test_an_opener_not_on_the_list_departs_where_it_leaves_every_form():
+    # "Sa": "S" is the start of "So "; "a" is where it departs (offset len("6*6=36\n") + 1).
+    assert first_error("6*6=36\nSa 36-17=19\n", SOLUTION, OPENERS) == len("6*6=36\n") + 1
+    assert first_error("So #### 38", SOLUTION, OPENERS) == len("So ")  # an answer where a step was due
+
+
+def test_with_openers_unreadable_cut_short_and_trailing_text():
+    assert first_error("banana", SOLUTION, OPENERS) == 0
+    assert first_error("So 6*6=36\nThe", SOLUTION, OPENERS) is None  # a prefix of "Then ": short, not wrong
+    assert first_error(SOLUTION + "\nmore", SOLUTION, OPENERS) == len(SOLUTION)
 
 
 # -------------------------------------------------------------------------------------- token_at_char

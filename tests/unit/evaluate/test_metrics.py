@@ -71,7 +71,9 @@ def test_summarize_by_hand():
     assert out["pass@2"] == pytest.approx((1 + 0.5) / 2)
     assert out["pass@4"] == 1.0
     assert out["maj@4"] == 0.5
-    assert set(out) == {"accuracy", "avg@4", "pass@2", "pass@4", "maj@4"}
+    # SE with the problems fixed: sqrt((0.75 * 0.25 + 0.25 * 0.75) / (4 - 1)) / 2 = sqrt(0.125) / 2
+    assert out["accuracy_se"] == pytest.approx(0.125**0.5 / 2)
+    assert set(out) == {"accuracy", "accuracy_se", "avg@4", "pass@2", "pass@4", "maj@4"}
 
 
 def test_summarize_one_sample_is_plain_accuracy():
