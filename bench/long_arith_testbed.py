@@ -29,6 +29,7 @@ BASE = "recipes/long_arith_grpo.yaml"
 # Every candidate spells out the settings it varies, so it means the same whatever the base recipe now holds.
 TWO_DIGITS = ["task.max_val=99", "task.max_add=20", "task.max_start=20"]
 THREE_DIGITS = ["task.max_val=999", "task.max_add=200", "task.max_start=200"]
+OPENERS = "task.step_openers=['So ', 'Then ', 'Now ', '']"
 CANDIDATES = {
     # 6-12 steps over 0..99, the tiny_arith warm start's length (1600 steps).
     "T1": [*TWO_DIGITS, "warm_start.steps=1600", "sampling.temperature=1.0", "eval.temperature=1.0"],
@@ -43,6 +44,16 @@ CANDIDATES = {
     # T5 met the accuracy (0.36) and length (107 tokens) criteria, but its confident errors left 2.0 segments at
     # int5: the same warm start sampled (and evaluated) at temperature 1.2, for more uncertain forks.
     "T6": [*THREE_DIGITS, "warm_start.steps=3200", "sampling.temperature=1.2", "eval.temperature=1.2"],
+    # T1-T6 show the criteria in tension on a task with one correct path: every token below rho 0.9 leaves >= 10%
+    # of its mass on a wrong continuation, so the >= 10 such tokens that 3 segments at int5 need make a right answer
+    # unlikely (about 0.9^10 = 0.35 at best). Real reasoning escapes this through forks that are never wrong
+    # (phrasing). T7 is T5 with such forks: each worked line of the warm-start solutions opens with one of four
+    # openers drawn uniformly (task.step_openers), a fork at each line start the task's first_error accepts.
+    "T7": [*THREE_DIGITS, "warm_start.steps=3200", OPENERS, "sampling.temperature=1.0", "eval.temperature=1.0"],
+    # Fixed with T7, before it ran: should T7's accuracy fall outside 30-70%, the warm start is made longer (below
+    # 30%) or shorter (above 70%) by half.
+    "T8-longer": [*THREE_DIGITS, "warm_start.steps=4800", OPENERS, "sampling.temperature=1.0", "eval.temperature=1.0"],
+    "T8-shorter": [*THREE_DIGITS, "warm_start.steps=1600", OPENERS, "sampling.temperature=1.0", "eval.temperature=1.0"],
 }
 # Candidates that differ only in sampling settings start from another's warm start (the same settings make the same).
 WARM_FROM = {"T6": "T5"}

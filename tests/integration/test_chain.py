@@ -44,6 +44,11 @@ def test_standalone_partition_and_estimate_reproduce_the_training_loop(tmp_path)
     in_loop = read_episodes(run / "episodes" / "iter_000001.jsonl")
     metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert metrics["mc/unique_states"] <= metrics["mc/states"] and metrics["mc/states"] > 0
+    # The iteration's generated tokens: its responses plus every rollout token (at least one per rollout).
+    responses = sum(len(ep.response_token_ids) for ep in in_loop)
+    rollouts = CHAIN["estimator"]["rollouts"] * metrics["mc/unique_states"]
+    assert metrics["mc/generated_tokens"] >= rollouts
+    assert metrics["tokens/generated"] == responses + metrics["mc/generated_tokens"]
 
     # Strip what the partition and estimate stages wrote, then redo them with the commands.
     bare = [ep.model_copy(update={"segments": None, "token_advantages": None}) for ep in in_loop]
