@@ -238,3 +238,12 @@ def test_warm_start_differences_name_the_field():
     assert warm_start_mismatches(saved, here) == []
     assert warm_start_differences(saved, here) == ["task.max_steps: 5 there, 6 here", "run.seed: 0 there, 2 here"]
     assert warm_start_mismatches(saved, {**here, "model": {"kind": "tiny"}}) == ["model.hidden_size: 64 there, None here"]
+
+
+def test_step_openers_refuse_what_would_break_a_solution_line(tmp_path):
+    ok = parse_recipe({"model": {"kind": "tiny"}, "task": {"kind": "arith", "step_openers": ["So ", ""]}})
+    assert ok.task.step_openers == ["So ", ""]
+    # A digit would read as part of the line's numbers, "#" as the answer marker, a newline as another line.
+    for bad in ["So\n", "3 ", "# "]:
+        with pytest.raises(SpoUserError, match=r"task\.step_openers\.0"):
+            parse_recipe({"model": {"kind": "tiny"}, "task": {"kind": "arith", "step_openers": [bad]}})
