@@ -1,0 +1,214 @@
+"""The methods compared on the long-chain testbed (recipes/README.md), at equal wall time and at equal sampled tokens.
+
+Every run trains its method's shipped `recipes/long_arith_<method>.yaml` from one shared supervised warm start
+(made once, seed 0, shared through `warm_start.load_from`), with `run.seed` set to the seed, until its iterations
+have used `--budget-s` seconds (sampling, estimation and optimization: `train.time_budget_s`), keeping a
+checkpoint of every iteration. Afterwards two checkpoints of every run are evaluated with `spo eval` on the same
+held-out problems (`--eval-problems`, 4 samples each at the recipes' temperature 1.0):
+
+- equal wall time: the last checkpoint (the budget reached);
+- equal sampled tokens: the last checkpoint whose iterations had generated at most T tokens in all (responses,
+  tree nodes and Monte Carlo rollouts: `tokens/generated` in metrics.jsonl), T being the smallest total any run
+  reached, so every run has a checkpoint there. That checkpoint is exactly what a run stopped by a budget of T
+  tokens would have ended with.
+
+Single-stream SPO's offline pass (its prior values, sampled once before RL) counts in neither budget, as in
+bench/learning.py; its cost is printed beside. Runs go seed by seed with the methods interleaved, `--jobs` at a
+time with one torch thread each (two 2-thread runs on 2 cores slow each other far more than 1-thread runs do).
+Prints each method's accuracy at both budgets (mean, and every seed), the iterations and tokens behind it and the
+credit metrics its training logged; writes the curves of training reward against seconds and against tokens.
+Report what it shows, whatever it shows.
+
+    python bench/long_arith_learning.py --json bench/results/long_arith_learning.json      # 9 methods x 3 seeds
+    python bench/long_arith_learning.py --methods grpo,chain_int2 --seeds 0 --budget-s 60 --eval-problems 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = {
+    "grpo": ("long_arith_grpo.yaml", []),
+    "grpo_mask": ("long_arith_grpo.yaml", ["loss.use_prob_mask=true", "loss.prob_mask_rho=0.9"]),
+    "rloo": ("long_arith_rloo.yaml", []),
+    "chain_int2": ("long_arith_chain.yaml", []),
+    "chain_int5": ("long_arith_chain.yaml", ["partitioner.interval=5"]),
+    "tree": ("long_arith_tree.yaml", []),
+    "vineppo": ("long_arith_vineppo.yaml", []),
+    "segment_gae": ("long_arith_segment_gae.yaml", []),
+    "single_stream": ("long_arith_single_stream.yaml", []),
+}
+CREDIT = ("credit/misplaced_blame", "credit/uniform_blame", "credit/localization")
+
+
+def spo(*args: str, threads: int | None = None) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+    out = subprocess.run([sys.executable, "-m", "spo_cli", *args], cwd=ROOT, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"spo {' '.join(args)} failed:\n{out.stderr[-4000:]}")
+    return out.stdout
+
+
+def train(method: str, seed: int, run_dir: Path, warm: Path, budget_s: float, threads: int) -> None:
+    if (run_dir / "summary.json").is_file():
+        return
+    recipe, extra = METHODS[method]
+    start = time.perf_counter()
+    spo("train", f"recipes/{recipe}", *extra, f"run.output_dir={run_dir}", f"run.seed={seed}",
+        f"warm_start.load_from={warm / 'warm_start'}", "train.iterations=100000", f"train.time_budget_s={budget_s}",
+        "train.save_steps=1", "train.save_total_limit=null", "eval.before_training=false",
+        "eval.after_training=false", f"hardware.num_threads={threads}", "logging.progress=false", "--overwrite",
+        threads=threads)  # fmt: skip
+    print(f"{method} seed {seed}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+
+
+def iteration_records(run_dir: Path) -> list[dict]:
+    from spo_cli.metrics import read_records
+
+    return [r for r in read_records(run_dir / "metrics.jsonl") if "iteration" in r]
+
+
+def checkpoint_within(records: list[dict], tokens: float) -> int:
+    """The last iteration whose run had generated at most `tokens` in all by its end (0: none, the warm start)."""
+    used, last = 0.0, 0
+    for r in records:
+        used += r["tokens/generated"]
+        if used > tokens:
+            break
+        last = r["iteration"]
+    return last
+
+
+def evaluate(recipe: str, checkpoints: list[Path], out: Path, problems: int, threads: int) -> list[dict]:
+    args = [a for c in checkpoints for a in ("--checkpoint", str(c))]
+    spo("eval", f"recipes/{recipe}", f"task.eval_per_step={problems // 4}", f"hardware.num_threads={threads}",
+        *args, "--samples", "4", "--temperature", "1.0", "--top-p", "1.0", "--chunk-size", "150", "--out", str(out),
+        threads=threads)  # fmt: skip
+    return json.loads((out / "results.json").read_text())["results"]
+
+
+def summarize_run(run_dir: Path, method: str, tokens_mark: float, problems: int, threads: int, warm_row: dict) -> dict:
+    records = iteration_records(run_dir)
+    last = records[-1]["iteration"]
+    at_tokens = checkpoint_within(records, tokens_mark)
+    ckpt = run_dir / "checkpoints"
+    points = {"time": last, "tokens": at_tokens}
+    evaluated = sorted({i for i in points.values() if i > 0})
+    rows = evaluate(METHODS[method][0], [ckpt / f"iter_{i:06d}" for i in evaluated], run_dir / "bench_eval", problems,
+                    threads) if evaluated else []  # fmt: skip
+    by_label = {r["checkpoint"]: r for r in rows}
+    result = {"iterations": last, "tokens_total": sum(r["tokens/generated"] for r in records),
+              "seconds": sum(r["time/iteration_s"] for r in records)}  # fmt: skip
+    for name, iteration in points.items():
+        # Iteration 0: the run's first iteration alone generated more than T tokens, so at T it is the warm start.
+        row = warm_row if iteration == 0 else next(r for label, r in by_label.items() if label.endswith(f"iter_{iteration:06d}"))
+        result[name] = {"iteration": iteration, "accuracy": row["accuracy"], "accuracy_se": row.get("accuracy_se")}
+    for key in CREDIT:
+        values = [r[key] for r in records if key in r]
+        result[key] = statistics.fmean(values) if values else None
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--budget-s", type=float, default=150.0, help="RL seconds per run")
+    # 600 problems x 4 samples: one standard error (problems fixed) under 0.01 at any accuracy.
+    parser.add_argument("--eval-problems", type=int, default=600, help="held-out problems, a multiple of 4")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one torch thread each")
+    parser.add_argument("--warm", type=Path, help="a warm start run directory to share; default: made under --out")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench_runs" / "long_arith_learning")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    threads = 1 if args.jobs > 1 else None
+
+    warm = args.warm or args.out / "warm"
+    if not (warm / "warm_start" / "warm_start.json").is_file():
+        print("warm start (once, shared by every run)", file=sys.stderr)
+        spo("sft", "recipes/long_arith_grpo.yaml", f"run.output_dir={warm}", "--overwrite")
+    runs = [(m, s, args.out / m / f"seed{s}") for s in seeds for m in methods]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda r: train(r[0], r[1], r[2], warm, args.budget_s, threads or 2), runs))
+
+    tokens_mark = min(sum(r["tokens/generated"] for r in iteration_records(d)) for _, _, d in runs)
+    print(f"equal sampled tokens: T = {tokens_mark:.0f}, the smallest total of any run", file=sys.stderr)
+    warm_row = evaluate("long_arith_grpo.yaml", [warm / "warm_start"], args.out / "warm_eval", args.eval_problems, 2)[0]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(
+            lambda r: summarize_run(r[2], r[0], tokens_mark, args.eval_problems, threads or 2, warm_row), runs))
+    table = {m: {s: res for (mm, s, _), res in zip(runs, results) if mm == m} for m in methods}
+    print_tables(table, warm_row, tokens_mark, args.budget_s)
+    plot_curves(runs, args.out / "curves.png")
+    if args.json:
+        out = args.out.resolve()
+        out = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
+        settings = vars(args) | {"out": str(out), "json": None, "warm": str(args.warm) if args.warm else None}
+        payload = {"settings": settings, "tokens_mark": tokens_mark, "warm_start": warm_row, "methods": table}
+        args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def print_tables(table: dict, warm_row: dict, tokens_mark: float, budget_s: float) -> None:
+    print(f"\nwarm start: sampled accuracy {warm_row['accuracy']:.3f} ± {warm_row.get('accuracy_se') or 0:.3f}")
+    print(f"held-out sampled accuracy at equal wall time ({budget_s:.0f} s of RL) and at equal sampled tokens "
+          f"({tokens_mark / 1e6:.2f} M); mean over seeds, then each seed")  # fmt: skip
+    header = f"{'method':<14}{'time: mean':>11}  {'seeds':<22}{'tokens: mean':>13}  {'seeds':<22}{'iters':>7}"
+    print(header + f"{'M tokens':>10}{'misplaced':>11}{'uniform':>9}{'localized':>11}")
+    for method, per_seed in table.items():
+        cells = []
+        for budget in ("time", "tokens"):
+            shown = [r[budget]["accuracy"] for r in per_seed.values()]
+            cells.append(f"{statistics.fmean(shown):>11.3f}  " + f"{' '.join(f'{a:.3f}' for a in shown):<22}")
+        rows = list(per_seed.values())
+        iters = statistics.median(r["iterations"] for r in rows)
+        tokens = statistics.median(r["tokens_total"] for r in rows) / 1e6
+        credit = [statistics.fmean(r[k] for r in rows) if all(r[k] is not None for r in rows) else float("nan")
+                  for k in CREDIT]  # fmt: skip
+        print(f"{method:<14}" + cells[0] + " " + cells[1] + f"{iters:>7.0f}{tokens:>10.2f}"
+              + "".join(f"{c:>10.3f} " for c in credit))  # fmt: skip
+
+
+def plot_curves(runs: list[tuple[str, int, Path]], path: Path) -> None:
+    """Training reward (a moving mean of 5 iterations) against RL seconds and against generated tokens, per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    colours = {m: plt.cm.tab10(i) for i, m in enumerate(dict.fromkeys(m for m, _, _ in runs))}
+    for method, seed, run_dir in runs:
+        records = iteration_records(run_dir)
+        seconds, tokens, reward, t, n = [], [], [], 0.0, 0.0
+        for k, r in enumerate(records):
+            t, n = t + r["time/iteration_s"], n + r["tokens/generated"]
+            window = records[max(0, k - 4) : k + 1]
+            seconds.append(t), tokens.append(n / 1e6), reward.append(statistics.fmean(w["reward"] for w in window))
+        label = method if seed == min(s for m, s, _ in runs if m == method) else None
+        axes[0].plot(seconds, reward, color=colours[method], label=label, lw=1, marker=".", ms=3)
+        axes[1].plot(tokens, reward, color=colours[method], lw=1, marker=".", ms=3)
+    axes[0].set(xlabel="RL seconds", ylabel="training reward (moving mean of 5)")
+    axes[1].set(xlabel="generated tokens (M)", ylabel="training reward (moving mean of 5)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
