@@ -1,7 +1,7 @@
 """The methods compared on the long-chain testbed (recipes/README.md), at equal wall time and at equal sampled tokens.
 
 Every run trains its method's shipped `recipes/long_arith_<method>.yaml` from one shared supervised warm start
-(made once, seed 0, shared through `warm_start.load_from`), with `run.seed` set to the seed, until its iterations
+(bench/assets/long_arith_t8, through `warm_start.load_from`), with `run.seed` set to the seed, until its iterations
 have used `--budget-s` seconds (sampling, estimation and optimization: `train.time_budget_s`), keeping a
 checkpoint of every iteration. Afterwards two checkpoints of every run are evaluated with `spo eval` on the same
 held-out problems (`--eval-problems`, 4 samples each at the recipes' temperature 1.0):
@@ -126,7 +126,8 @@ def main() -> None:
     # 600 problems x 4 samples: one standard error (problems fixed) under 0.01 at any accuracy.
     parser.add_argument("--eval-problems", type=int, default=600, help="held-out problems, a multiple of 4")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one torch thread each")
-    parser.add_argument("--warm", type=Path, help="a warm start run directory to share; default: made under --out")
+    parser.add_argument("--warm", type=Path, default=ROOT / "bench" / "assets" / "long_arith_t8",
+                        help="a directory holding the shared warm_start/ (made there if missing)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_runs" / "long_arith_learning")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -137,7 +138,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     threads = 1 if args.jobs > 1 else None
 
-    warm = args.warm or args.out / "warm"
+    warm = args.warm
     if not (warm / "warm_start" / "warm_start.json").is_file():
         print("warm start (once, shared by every run)", file=sys.stderr)
         spo("sft", "recipes/long_arith_grpo.yaml", f"run.output_dir={warm}", "--overwrite")
@@ -157,7 +158,7 @@ def main() -> None:
     if args.json:
         out = args.out.resolve()
         out = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
-        settings = vars(args) | {"out": str(out), "json": None, "warm": str(args.warm) if args.warm else None}
+        settings = vars(args) | {"out": str(out), "json": None, "warm": str(args.warm)}
         payload = {"settings": settings, "tokens_mark": tokens_mark, "warm_start": warm_row, "methods": table}
         args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
