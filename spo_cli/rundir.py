@@ -90,10 +90,15 @@ def _check_resume_world(recipe: Recipe, run_dir: Path) -> None:
     saved = int(read_trainer_state(ckpt).get("world_size", 1))
     asked = recipe.hardware.num_processes
     if asked is not None and asked != saved:
-        raise SpoUserError(
-            f"--resume: {ckpt} holds the optimizer shards of {saved} DeepSpeed processes and this run has {asked}; "
-            f"resume with hardware.num_processes={saved} (or start a new run from {ckpt / 'model'})"
-        )
+        raise SpoUserError(world_mismatch(ckpt, saved, asked))
+
+
+def world_mismatch(ckpt: Path, saved: int, asked: int) -> str:
+    """Why a DeepSpeed checkpoint cannot resume in another number of processes, and what to do instead."""
+    return (
+        f"--resume: {ckpt} holds the optimizer shards of {saved} DeepSpeed processes and this run has {asked}; "
+        f"resume with hardware.num_processes={saved} (or start a new run from {ckpt / 'model'})"
+    )
 
 
 def check_not_locked(run_dir: Path, env: Mapping[str, str] = os.environ) -> None:

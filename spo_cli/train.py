@@ -36,7 +36,7 @@ from spo_cli.recipe import (
     dump_recipe, warm_start_differences, warm_start_record,
 )  # fmt: skip
 from spo_cli.replay import EdgeReplayBuffer, fit_episode_count
-from spo_cli.rundir import RESOLVED_RECIPE, run_directory
+from spo_cli.rundir import RESOLVED_RECIPE, run_directory, world_mismatch
 from spo_cli.tasks import Task, apply_template, build_task, derive_seed, epoch_slice
 
 WARM_START_DIR = "warm_start"
@@ -704,7 +704,7 @@ def _check_resume_world(state: dict[str, Any], ckpt: Path, cluster: Cluster, acc
     """DeepSpeed's optimizer shards load only into the number of processes that wrote them."""
     saved = int(state.get("world_size", 1))
     if accelerator is not None and accelerator.state.deepspeed_plugin is not None and saved != cluster.world_size:
-        raise SpoUserError(_world_mismatch(ckpt, saved, cluster.world_size))
+        raise SpoUserError(world_mismatch(ckpt, saved, cluster.world_size))
 
 
 def _end_processes() -> None:

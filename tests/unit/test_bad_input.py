@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from spo_cli.errors import SpoUserError
 from spo_cli.recipe import Recipe, parse_recipe
 
-from ..conftest import DATA, TINY_RECIPE, spo_in_process
+from ..conftest import TINY_RECIPE, spo_in_process
 
 # --------------------------------------------------------------------------------------------- recipes
 

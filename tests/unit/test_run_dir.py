@@ -209,3 +209,22 @@ def test_a_run_holds_its_directory_until_it_ends(tmp_path):
             RunLock.acquire(run_dir)
         (run_dir / "metrics.jsonl").write_text('{"iteration": 1}\n')
     RunLock.acquire(run_dir).release()  # released at the end of the run
+
+
+def test_a_deepspeed_checkpoint_resumed_in_another_world_size_is_refused_inside_the_run(tmp_path):
+    """The launcher refuses a mismatched `hardware.num_processes` before launching; a run started some other way
+    (e.g. `accelerate launch` by hand) meets the same refusal when it reads the checkpoint."""
+    from types import SimpleNamespace
+
+    from spo_cli.distributed import Cluster
+    from spo_cli.train import _check_resume_world
+
+    ckpt = tmp_path / "checkpoints" / "iter_000002"
+    under_deepspeed = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=object()))
+    with pytest.raises(SpoUserError) as refused:
+        _check_resume_world({"world_size": 2}, ckpt, Cluster(world_size=3), under_deepspeed)
+    assert "shards of 2 DeepSpeed processes and this run has 3" in str(refused.value)
+    assert "hardware.num_processes=2" in str(refused.value) and str(ckpt / "model") in str(refused.value)
+    _check_resume_world({"world_size": 2}, ckpt, Cluster(world_size=2), under_deepspeed)  # same size: resumes
+    without = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None))  # DDP state loads in any world size
+    _check_resume_world({"world_size": 2}, ckpt, Cluster(world_size=1), without)
