@@ -24,8 +24,8 @@ from spo_cli.recipe import parse_recipe
 from ..conftest import REPO, tiny_recipe_dict, write_recipe
 from .test_train import assert_same_metrics, read_metrics
 
-# As the kill test of test_train: one-operation problems and a longer warm start, so every iteration updates the
-# policy and the optimizer state and RNG matter for the comparison.
+# One-operation problems and a longer warm start, so every iteration updates the policy and the optimizer state and
+# RNG matter for the comparison.
 SECTIONS = dict(
     train={"iterations": 5, "save_steps": 1, "save_total_limit": 2},
     task={"min_steps": 1, "max_steps": 1, "sft_min_steps": 1, "sft_max_steps": 1, "eval_steps": [1], "eval_per_step": 8},
@@ -61,19 +61,22 @@ def test_kills_at_every_point_of_an_iteration_resume_to_the_uninterrupted_result
 
     recipe = write_recipe(tmp_path / "killed.yaml", tiny_recipe_dict(tmp_path / "killed", **SECTIONS))
     run = tmp_path / "killed" / "run"
+    # The reference's warm start, copied rather than made again (the same bits: what is compared is the RL).
+    warm = f"warm_start.load_from={tmp_path / 'ref' / 'run' / 'warm_start'}"
     # One run killed four times, each resume dying somewhere else; (crash point, checkpoint the next resume starts from).
     plan = [("sample:2", 1), ("optimize:3", 2), ("checkpoint:4", 3), ("publish:5", 4)]
     assert {p.split(":")[0] for p, _ in plan} == set(POINTS)
     for attempt, (crash_at, survivor) in enumerate(plan):
-        out = spo("train", str(recipe), *(["--resume"] if attempt else []), crash_at=crash_at)
+        out = spo("train", str(recipe), warm, *(["--resume"] if attempt else []), crash_at=crash_at)
         assert out.returncode == -9, (crash_at, out.stderr[-2000:])  # killed by its own SIGKILL
         assert not (run / "summary.json").exists()
+        assert (run / ".spo-lock").is_file()  # left behind, but the kernel released the lock with the process
         assert latest_checkpoint(run).name == f"iter_{survivor:06d}", crash_at
         assert_checkpoints_readable(run)
     # The publish crash left iteration 5 complete on disk but not yet named `latest`: the resume redoes it.
     assert (run / "checkpoints" / "iter_000005" / "trainer_state.json").is_file()
 
-    resumed = spo("train", str(recipe), "--resume")
+    resumed = spo("train", str(recipe), warm, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
     a, b = read_metrics(tmp_path / "ref" / "run"), read_metrics(run)
@@ -82,7 +85,7 @@ def test_kills_at_every_point_of_an_iteration_resume_to_the_uninterrupted_result
     assert_same_metrics(a, b)
     sa = json.loads((tmp_path / "ref" / "run" / "summary.json").read_text())
     sb = json.loads((run / "summary.json").read_text())
-    assert sa["eval_after"] == sb["eval_after"]
+    assert sa["eval_before"] == sb["eval_before"] and sa["eval_after"] == sb["eval_after"]
     assert not list((run / "checkpoints").glob(".*partial*"))
     assert_checkpoints_readable(run)
 
