@@ -40,13 +40,14 @@ Measured on 2 cores (2026-12-02; bench/ci_margins.py, figures in bench/results/c
   ITERATIONS[recipe] is the first of these counts at which the rise reached 1.5 times the threshold (0.0226) and
   stayed there at every later count measured: 30 for SPO-chain, PPO and segment GAE, 10 for single-stream. SPO-tree,
   the slowest learner on this task (as BENCHMARKS.md reports), gets there only at the end of its shipped run (0.026
-  at 120): it runs all 120 iterations.
+  at 120), which is why it has no end-to-end test (above).
 - CI runs these tests two at a time with one torch thread each (OMP_NUM_THREADS=1 in .ci/run), and one thread
-  computes in another order than two: the warm start differs (sampled accuracy 0.716 with the tests' evaluation
-  seed) and so does every run from it. A first CI-condition run (40 iterations for chain, PPO and segment GAE, 20
-  for single-stream, 120 for tree) measured rises of 0.038 (chain), 0.041 (PPO), 0.039 (segment GAE), 0.038
+  computes in another order than two: a warm start made there differs (sampled accuracy 0.716 with the tests'
+  evaluation seed) and so does every run from it. A first CI-condition run (40 iterations for chain, PPO and segment
+  GAE, 20 for single-stream, 120 for tree) measured rises of 0.038 (chain), 0.041 (PPO), 0.039 (segment GAE), 0.038
   (single-stream) and 0.027 (tree): 2.3 to 2.5 times the threshold (0.0165 there), tree 1.6 times; the README's
-  job rose 0.066 (6.1 standard errors).
+  job rose 0.066 (6.1 standard errors). The committed warm start (another one-thread run of the same fine-tuning)
+  evaluates at 0.7316 ± 0.0039; single-stream's 10 iterations from it rose 0.043 (8.0 standard errors).
 """
 
 from __future__ import annotations
