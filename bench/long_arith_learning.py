@@ -8,9 +8,14 @@ held-out problems (`--eval-problems`, 4 samples each at the recipes' temperature
 
 - equal wall time: the last checkpoint (the budget reached);
 - equal sampled tokens: the last checkpoint whose iterations had generated at most T tokens in all (responses,
-  tree nodes and Monte Carlo rollouts: `tokens/generated` in metrics.jsonl), T being the smallest total any run
-  reached, so every run has a checkpoint there. That checkpoint is exactly what a run stopped by a budget of T
-  tokens would have ended with.
+  tree nodes and Monte Carlo rollouts: `tokens/generated` in metrics.jsonl). T is the smallest total any run of the
+  first invocation reached, then kept in the results for every later seed, so every seed's figure is final when it
+  is measured. That checkpoint is exactly what a run stopped by a budget of T tokens would have ended with.
+
+The budget, 420 s, is the GRPO pilot's (recipes/README.md): fixed before any other method ran, it is where the
+cheapest baseline has clearly left the warm start's evaluation noise (+0.058, ~5 standard errors, on 2 threads).
+Results accumulate in `--json` run by run, so the grid can be measured a seed per session; settings that make
+figures incomparable (budget, evaluation problems, jobs, warm start) must match the file's.
 
 Single-stream SPO's offline pass (its prior values, sampled once before RL) counts in neither budget, as in
 bench/learning.py; its cost is printed beside. Runs go seed by seed with the methods interleaved, `--jobs` at a
@@ -20,6 +25,7 @@ credit metrics its training logged; writes the curves of training reward against
 Report what it shows, whatever it shows.
 
     python bench/long_arith_learning.py --json bench/results/long_arith_learning.json      # 9 methods x 3 seeds
+    python bench/long_arith_learning.py --seeds 1 --json bench/results/long_arith_learning.json   # add seed 1
     python bench/long_arith_learning.py --methods grpo,chain_int2 --seeds 0 --budget-s 60 --eval-problems 100
 """
 
@@ -115,52 +121,92 @@ def summarize_run(run_dir: Path, method: str, tokens_mark: float, problems: int,
     for key in CREDIT:
         values = [r[key] for r in records if key in r]
         result[key] = statistics.fmean(values) if values else None
+    # The curve (cumulative RL seconds, cumulative generated tokens, training reward) per iteration: kept in the
+    # results so the plot can be redrawn from them when the runs themselves are gone (seeds run in other sessions).
+    seconds = tokens = 0.0
+    result["curve"] = []
+    for r in records:
+        seconds, tokens = seconds + r["time/iteration_s"], tokens + r["tokens/generated"]
+        result["curve"].append([round(seconds, 2), tokens, r["reward"]])
     return result
+
+
+# What every seed of one results file must share: results measured under other settings are not comparable.
+SHARED_SETTINGS = ("budget_s", "eval_problems", "jobs", "warm")
+
+
+def load_results(path: Path | None, settings: dict) -> dict:
+    """The results so far (`--json`, accumulated seed by seed, possibly over several sessions), or a fresh record."""
+    fresh = {"settings": settings, "tokens_mark": None, "warm_start": None, "methods": {}}
+    if path is None or not path.is_file():
+        return fresh
+    results = json.loads(path.read_text())
+    differing = [k for k in SHARED_SETTINGS if results["settings"].get(k) != settings[k]]
+    if differing:
+        raise SystemExit(f"{path} holds results measured with other settings ({', '.join(differing)}: "
+                         f"{[results['settings'].get(k) for k in differing]}); use another --json or the same settings")  # fmt: skip
+    return results
+
+
+def save_results(path: Path | None, results: dict) -> None:
+    if path is None:
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    tmp.replace(path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--budget-s", type=float, default=150.0, help="RL seconds per run")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="RL seconds per run")
     # 600 problems x 4 samples: one standard error (problems fixed) under 0.01 at any accuracy.
     parser.add_argument("--eval-problems", type=int, default=600, help="held-out problems, a multiple of 4")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one torch thread each")
     parser.add_argument("--warm", type=Path, default=ROOT / "bench" / "assets" / "long_arith_t8",
                         help="a directory holding the shared warm_start/ (made there if missing)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_runs" / "long_arith_learning")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, help="results file; runs already in it are kept, not rerun")
     args = parser.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    threads = 1 if args.jobs > 1 else None
+    threads = 1 if args.jobs > 1 else 2
+    warm = args.warm.resolve()
+    settings = {"budget_s": args.budget_s, "eval_problems": args.eval_problems, "jobs": args.jobs,
+                "warm": str(warm.relative_to(ROOT) if warm.is_relative_to(ROOT) else warm)}  # fmt: skip
+    results = load_results(args.json, settings)
 
-    warm = args.warm
     if not (warm / "warm_start" / "warm_start.json").is_file():
         print("warm start (once, shared by every run)", file=sys.stderr)
         spo("sft", "recipes/long_arith_grpo.yaml", f"run.output_dir={warm}", "--overwrite")
-    runs = [(m, s, args.out / m / f"seed{s}") for s in seeds for m in methods]
+    done = results["methods"]
+    runs = [(m, s, args.out / m / f"seed{s}") for s in seeds for m in methods if str(s) not in done.get(m, {})]
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda r: train(r[0], r[1], r[2], warm, args.budget_s, threads or 2), runs))
+        list(pool.map(lambda r: train(r[0], r[1], r[2], warm, args.budget_s, threads), runs))
 
-    tokens_mark = min(sum(r["tokens/generated"] for r in iteration_records(d)) for _, _, d in runs)
-    print(f"equal sampled tokens: T = {tokens_mark:.0f}, the smallest total of any run", file=sys.stderr)
-    warm_row = evaluate("long_arith_grpo.yaml", [warm / "warm_start"], args.out / "warm_eval", args.eval_problems, 2)[0]
+    if runs and results["tokens_mark"] is None:
+        # Fixed by the first runs and kept for every later seed, so each seed's figure is final when measured.
+        results["tokens_mark"] = min(sum(r["tokens/generated"] for r in iteration_records(d)) for _, _, d in runs)
+    if results["warm_start"] is None:
+        results["warm_start"] = evaluate("long_arith_grpo.yaml", [warm / "warm_start"], args.out / "warm_eval",
+                                         args.eval_problems, 2)[0]  # fmt: skip
+    print(f"equal sampled tokens: T = {results['tokens_mark']:.0f}", file=sys.stderr)
+
+    def summarize(run: tuple[str, int, Path]) -> None:
+        method, seed, run_dir = run
+        summary = summarize_run(run_dir, method, results["tokens_mark"], args.eval_problems, threads,
+                                results["warm_start"])  # fmt: skip
+        done.setdefault(method, {})[str(seed)] = summary
+        save_results(args.json, results)  # after every run: an interrupted benchmark keeps what it measured
+
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(
-            lambda r: summarize_run(r[2], r[0], tokens_mark, args.eval_problems, threads or 2, warm_row), runs))
-    table = {m: {s: res for (mm, s, _), res in zip(runs, results) if mm == m} for m in methods}
-    print_tables(table, warm_row, tokens_mark, args.budget_s)
-    plot_curves(runs, args.out / "curves.png")
-    if args.json:
-        out = args.out.resolve()
-        out = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
-        settings = vars(args) | {"out": str(out), "json": None, "warm": str(args.warm)}
-        payload = {"settings": settings, "tokens_mark": tokens_mark, "warm_start": warm_row, "methods": table}
-        args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        list(pool.map(summarize, runs))
+    print_tables(done, results["warm_start"], results["tokens_mark"], args.budget_s)
+    plot_curves(done, args.out / "curves.png")
 
 
 def print_tables(table: dict, warm_row: dict, tokens_mark: float, budget_s: float) -> None:
@@ -183,7 +229,7 @@ def print_tables(table: dict, warm_row: dict, tokens_mark: float, budget_s: floa
               + "".join(f"{c:>10.3f} " for c in credit))  # fmt: skip
 
 
-def plot_curves(runs: list[tuple[str, int, Path]], path: Path) -> None:
+def plot_curves(table: dict, path: Path) -> None:
     """Training reward (a moving mean of 5 iterations) against RL seconds and against generated tokens, per run."""
     import matplotlib
 
@@ -191,19 +237,15 @@ def plot_curves(runs: list[tuple[str, int, Path]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    colours = {m: plt.cm.tab10(i) for i, m in enumerate(dict.fromkeys(m for m, _, _ in runs))}
-    for method, seed, run_dir in runs:
-        records = iteration_records(run_dir)
-        seconds, tokens, reward, t, n = [], [], [], 0.0, 0.0
-        for k, r in enumerate(records):
-            t, n = t + r["time/iteration_s"], n + r["tokens/generated"]
-            window = records[max(0, k - 4) : k + 1]
-            seconds.append(t), tokens.append(n / 1e6), reward.append(statistics.fmean(w["reward"] for w in window))
-        label = method if seed == min(s for m, s, _ in runs if m == method) else None
-        axes[0].plot(seconds, reward, color=colours[method], label=label, lw=1, marker=".", ms=3)
-        axes[1].plot(tokens, reward, color=colours[method], lw=1, marker=".", ms=3)
+    for i, (method, per_seed) in enumerate(table.items()):
+        for k, run in enumerate(per_seed.values()):
+            seconds, tokens, reward = zip(*run["curve"])
+            smooth = [statistics.fmean(reward[max(0, j - 4) : j + 1]) for j in range(len(reward))]
+            style = dict(color=plt.cm.tab10(i), lw=1, marker=".", ms=3)
+            axes[0].plot(seconds, smooth, label=method if k == 0 else None, **style)
+            axes[1].plot([t / 1e6 for t in tokens], smooth, **style)
     axes[0].set(xlabel="RL seconds", ylabel="training reward (moving mean of 5)")
-    axes[1].set(xlabel="generated tokens (M)", ylabel="training reward (moving mean of 5)")
+    axes[1].set(xlabel="generated tokens (M)", ylabel="training reward (moving mean of 5)", xscale="log")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
