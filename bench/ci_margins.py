@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, parse_methods, spo
 METHODS = {
     "chain": "tiny_arith_chain.yaml",
     "tree": "tiny_arith_tree.yaml",
@@ -40,11 +39,6 @@ METHODS = {
     "grpo": "tiny_arith_grpo.yaml",
 }
 
-
-def spo(*args: str) -> None:
-    out = subprocess.run([sys.executable, "-m", "spo_cli", *args], cwd=ROOT, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"spo {' '.join(args)} failed:\n{out.stderr[-4000:]}")
 
 
 def evaluation_noise(warm: Path, seeds: int, samples: int) -> list[float]:
@@ -107,9 +101,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench_runs" / "ci_margins")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if unknown := [m for m in methods if m not in METHODS]:
-        raise SystemExit(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    methods = parse_methods(args.methods, METHODS)
 
     warm = (args.out / "warm" / "warm_start").resolve()
     if not (warm / "warm_start.json").is_file():

@@ -27,11 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, spo
 RECIPE = "recipes/long_arith_chain.yaml"
 # name -> overrides of RECIPE (the task, model and sampling settings are the testbed's in every one).
 # Estimators whose advantages for a response depend on that response alone (its own Monte Carlo state values and
@@ -51,12 +49,6 @@ ESTIMATORS = {
 SHOWN = ("credit/misplaced_blame", "credit/uniform_blame", "credit/localization", "credit/blamed_span",
          "credit/blamed_share", "credit/wrong_responses")  # fmt: skip
 
-
-def spo(*args: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "spo_cli", *args], cwd=ROOT, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"spo {' '.join(args)} failed:\n{out.stderr[-4000:]}")
-    return out.stdout
 
 
 def main() -> None:

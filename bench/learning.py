@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, parse_methods, parse_seeds, spo
 METHODS = {
     "grpo": ("tiny_arith_grpo.yaml", []),
     "grpo_mask": ("tiny_arith_grpo.yaml", ["loss.use_prob_mask=true", "loss.prob_mask_rho=0.9"]),
@@ -35,11 +34,6 @@ METHODS = {
 }
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
-
-def spo(*args: str) -> None:
-    out = subprocess.run([sys.executable, "-m", "spo_cli", *args], cwd=ROOT, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"spo {' '.join(args)} failed:\n{out.stderr[-4000:]}")
 
 
 def main() -> None:
@@ -53,11 +47,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench_runs" / "learning")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    methods = parse_methods(args.methods, METHODS)
+    seeds = parse_seeds(args.seeds)
     eval_every_s = args.budget_s / 6 if args.eval_every_s is None else args.eval_every_s
 
     warm = args.out / "warm"

@@ -33,15 +33,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, parse_methods, parse_seeds, spo
 METHODS = {
     "grpo": ("long_arith_grpo.yaml", []),
     "grpo_mask": ("long_arith_grpo.yaml", ["loss.use_prob_mask=true", "loss.prob_mask_rho=0.9"]),
@@ -55,13 +53,6 @@ METHODS = {
 }
 CREDIT = ("credit/misplaced_blame", "credit/uniform_blame", "credit/localization")
 
-
-def spo(*args: str, threads: int | None = None) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
-    out = subprocess.run([sys.executable, "-m", "spo_cli", *args], cwd=ROOT, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise SystemExit(f"spo {' '.join(args)} failed:\n{out.stderr[-4000:]}")
-    return out.stdout
 
 
 def train(method: str, seed: int, run_dir: Path, warm: Path, budget_s: float, threads: int) -> None:
@@ -169,11 +160,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench_runs" / "long_arith_learning")
     parser.add_argument("--json", type=Path, help="results file; runs already in it are kept, not rerun")
     args = parser.parse_args()
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    methods = parse_methods(args.methods, METHODS)
+    seeds = parse_seeds(args.seeds)
     threads = 1 if args.jobs > 1 else 2
     warm = args.warm.resolve()
     settings = {"budget_s": args.budget_s, "eval_problems": args.eval_problems, "jobs": args.jobs,

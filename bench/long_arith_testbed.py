@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, spo
 BASE = "recipes/long_arith_grpo.yaml"
 # Every candidate spells out the settings it varies, so it means the same whatever the base recipe now holds.
 TWO_DIGITS = ["task.max_val=99", "task.max_add=20", "task.max_start=20"]
@@ -61,12 +59,6 @@ WARM_FROM = {"T6": "T5"}
 INTERVALS = (2, 5, 10)
 CRITERIA = {"accuracy": (0.30, 0.70), "mean_tokens": 100.0, "segments_int5": 3.0}
 
-
-def spo(*args: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "spo_cli", *args], cwd=ROOT, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"spo {' '.join(args)} failed:\n{out.stderr[-4000:]}")
-    return out.stdout
 
 
 def measure(name: str, overrides: list[str], out: Path) -> dict:
