@@ -32,7 +32,7 @@ def build_byte_tokenizer() -> PreTrainedTokenizerBase:
 
     No merges means digits are single tokens (which a tiny model learns arithmetic on), and the
     tokenizer survives transformers 5's rebuild of Qwen2 tokenizers on reload unchanged
-    (tiny_arith_feasibility.md section 2).
+    (docs/software_stack.md#tokenizer-reload-in-transformers-5).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -1,5 +1,6 @@
-"""Offline prompt values for single-stream SPO (single_stream_spo.md section 3): K scored responses per
-training prompt from the policy RL starts from, as the JSON `{prompt_key: [score, ...]}` the tracker starts from.
+"""Offline prompt values for single-stream SPO (docs/algorithms.md#single-stream-offline-values): K scored
+responses per training prompt from the policy RL starts from, as the JSON `{prompt_key: [score, ...]}` the tracker
+starts from.
 
 The reference splits the data set, runs a validation job per part and merges the dumps with a script. Here one
 resumable pass does all three: the training prompts are cut into shards, each finished shard is written to
@@ -91,7 +92,8 @@ def policy_identity(recipe: Recipe, policy_dir: Path | None) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class OfflinePrompt:
-    key: str  # the user-turn text before any chat template: the tracker's key (spec section 9)
+    # The user-turn text before any chat template: the tracker's key (docs/reference_differences.md#tracker-keys).
+    key: str
     text: str  # what the model is given (the key in the chat template when the task uses one)
     gold: str
 

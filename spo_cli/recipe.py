@@ -797,7 +797,8 @@ class SingleStream(Section):
 
 
 class SegmentGae(Section):
-    """Value-network segment SPO: per-segment GAE from a critic's values at segment starts (value_net_segment_spo.md).
+    """Value-network segment SPO: per-segment GAE from a critic's values at segment starts
+    (docs/algorithms.md#segment-gae).
 
     Without a critic (`critic: null`) it falls back to group-mean baselines with lambda forced to 1, i.e. every
     token gets r - mean of its prompt's group; segments are then only logged.

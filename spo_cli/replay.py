@@ -19,7 +19,8 @@ REPLAY_FILE = "replay.json"
 
 
 def fit_episode_count(items: Sequence[T], count: int, rng: random.Random) -> list[T]:
-    """Exactly `count` items, as the reference fills an iteration (spec section 0, step 4).
+    """Exactly `count` items, as the reference fills an iteration (step 4 of
+    docs/reference_settings.md#one-iteration-of-the-reference).
 
     More items than `count`: a random subset (in random order). Fewer: the list repeated
     ceil(count / len) times, shuffled, then cut, so an item can appear several times or not at all.

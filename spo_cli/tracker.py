@@ -73,8 +73,9 @@ class PromptValueTracker:
 
     @classmethod
     def from_offline_values(cls, spec: SingleStream, offline: Mapping[str, Sequence[float]], seed: int) -> PromptValueTracker:
-        """Initial beliefs from `{prompt: [scores]}` (spec 3.2). Lists longer than `offline_samples` are cut to a
-        seeded random sample of that many, as the reference does (unseeded there)."""
+        """Initial beliefs from `{prompt: [scores]}` (docs/algorithms.md#single-stream-initial-beliefs). Lists
+        longer than `offline_samples` are cut to a seeded random sample of that many, as the reference does
+        (unseeded there)."""
         beliefs = {}
         for key, scores in offline.items():
             scores = list(scores)
@@ -101,7 +102,8 @@ class PromptValueTracker:
         return self.beliefs[key].value
 
     def select(self, keys: Sequence[str], count: int, rng: random.Random) -> list[int]:
-        """Indices into `keys` of `count` distinct prompts, drawn by prioritised sampling (spec 6).
+        """Indices into `keys` of `count` distinct prompts, drawn by prioritised sampling
+        (docs/algorithms.md#single-stream-prompt-sampling).
 
         Prompts the tracker does not know (no offline value) have weight 0. With `weights: thompson` each
         known prompt's v is a draw from its Beta belief instead of the mean (an extension).
@@ -123,7 +125,8 @@ class PromptValueTracker:
         return weighted_sample_without_replacement(weights, count, rng)
 
     def observe(self, keys: Sequence[str], rewards: Sequence[float], samples: Sequence[StoredSample], score: ScoreFn | None) -> ObserveStats:
-        """Update the beliefs with this step's outcomes, after the policy update (spec 4.3 steps 7-8).
+        """Update the beliefs with this step's outcomes, after the policy update (steps 7-8 of
+        docs/algorithms.md#single-stream-order-of-one-step).
 
         `keys[i]`, `rewards[i]`, `samples[i]` describe the i-th response; `samples[i].logprobs` must already hold
         its log-probs under the updated policy. For rho_mode kl, `score` computes the updated policy's log-probs of

@@ -620,7 +620,8 @@ def _tracker(
 def observe_outcomes(
     tracker, episodes: list[Episode], model, tokenizer, recipe: Recipe, runtime, cluster: Cluster = LOCAL
 ) -> dict[str, float]:
-    """Feed this step's rewards to the tracker, with rho measured on the updated policy (spec 4.3 steps 7-8).
+    """Feed this step's rewards to the tracker, with rho measured on the updated policy (steps 7-8 of
+    docs/algorithms.md#single-stream-order-of-one-step).
 
     Every process holds the same tracker and feeds it the same outcomes; the scoring passes are split between them.
     """
@@ -708,7 +709,8 @@ def _check_resume_world(state: dict[str, Any], ckpt: Path, cluster: Cluster, acc
 
 
 def _end_processes() -> None:
-    """Leave the process group (without it, ZeRO-3 processes abort at exit: environment.md section 2)."""
+    """Leave the process group (without it, ZeRO-3 processes abort at exit:
+    docs/software_stack.md#deepspeed-and-the-process-group-at-exit)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -1,4 +1,4 @@
-"""SPO-chain advantages from Monte-Carlo values at segment boundaries (segment_spo_reference.md 2.2)."""
+"""SPO-chain advantages from Monte-Carlo values at segment boundaries (docs/algorithms.md#spo-chain)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPO-tree (reference section 3): grow a tree of segments per prompt, then turn its edges into episodes.
+"""SPO-tree (docs/algorithms.md#spo-tree): grow a tree of segments per prompt, then turn its edges into episodes.
 
 `expand_trees` is the sampling side: it grows every tree level by level, all nodes of one depth across
 all prompts in one sampler call (the sampler prefills each distinct prefix once and shares it among the

@@ -1,4 +1,5 @@
-"""Value-network segment SPO (estimator.kind=segment_gae): GAE over segments (value_net_segment_spo.md D3-D8).
+"""Value-network segment SPO (estimator.kind=segment_gae): GAE over segments (docs/algorithms.md#segment-gae,
+decisions D3-D8).
 
 Each segment is one macro-action. Its value V_k is the critic's value of the state before its first token
 (D3: the boundary token opens the segment, so the high-entropy decision is credited with what follows it);
@@ -93,7 +94,8 @@ def segment_value_targets(
 def whiten_tokens(per_episode: Sequence[Sequence[float]], eps: float = 1e-8) -> list[list[float]]:
     """Whiten token advantages over all tokens of all episodes together (D6, TRL PPO's `masked_whiten`).
 
-    (x - mean) / sqrt(var + eps) with the population variance of all tokens, as the spec's worked example;
+    (x - mean) / sqrt(var + eps) with the population variance of all tokens, as in the worked example of
+    docs/algorithms.md#segment-gae-worked-example;
     TRL's `masked_whiten` applies Bessel's correction (n / (n - 1)), which differs by a negligible factor
     at batch sizes of thousands of tokens. A long segment counts once per token, so it weighs more.
 

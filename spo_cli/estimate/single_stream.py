@@ -4,7 +4,7 @@ Each prompt x keeps a Beta(alpha, beta) belief about its success probability; it
 v = alpha / (alpha + beta) is the baseline of the one response sampled for x. The functions here are
 pure: numbers in, numbers out. The tracker object that holds the state is `spo_cli.tracker`; the
 estimate stage (`estimate_single_stream`) reads the baseline each episode carried from sampling time.
-Section numbers refer to ../shared/specs/single_stream_spo.md.
+The method is described in docs/algorithms.md#single-stream-spo; the sections cited below are on that page.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def initial_belief(
     init: Literal["jeffreys", "mean"] = "jeffreys",
     binarize_above: float = 0.0,
 ) -> tuple[float, float]:
-    """(alpha0, beta0) of a prompt from its offline scores (spec 3.2).
+    """(alpha0, beta0) of a prompt from its offline scores (docs/algorithms.md#single-stream-initial-beliefs).
 
     With s = successes (score > binarize_above) among the n scores and N0 = 1 / (1 - rho_min), the
     equilibrium pseudo-count of a tracker forgetting at rho_min::
@@ -67,7 +67,7 @@ def initial_belief(
 
 
 def forgetting_factor(distance: float, d_half: float, rho_min: float, rho_max: float) -> float:
-    """rho = clamp(2^(-D / d_half), rho_min, rho_max) (spec 4.2).
+    """rho = clamp(2^(-D / d_half), rho_min, rho_max) (docs/algorithms.md#single-stream-forgetting-factor).
 
     D = 0 (a first visit) gives rho_max; with d_half = 0.06 and bounds [0.875, 0.96], D = 0.006 gives
     0.933033 and D = 0.03 gives 0.875. D is a distance between policies, so it must be >= 0.
@@ -80,7 +80,8 @@ def forgetting_factor(distance: float, d_half: float, rho_min: float, rho_max: f
 
 
 def belief_update(alpha: float, beta: float, reward: float, rho: float) -> tuple[float, float]:
-    """Discount the old pseudo-counts by rho, then count the new 0/1 outcome (spec 4.1, paper eq. 5).
+    """Discount the old pseudo-counts by rho, then count the new 0/1 outcome (paper eq. 5;
+    docs/algorithms.md#single-stream-tracker).
 
     alpha' = rho * alpha + r,  beta' = rho * beta + (1 - r). From (3, 5): r = 1, rho = 0.875 gives
     (3.625, 4.375), i.e. v = 0.453125. Rewards outside [0, 1] are clamped into it: the Beta belief is
@@ -100,7 +101,7 @@ def policy_distance(
     logprobs_now: Sequence[float],
     estimator: Literal["abs_logratio_mean", "k1", "k3"] = "abs_logratio_mean",
 ) -> float:
-    """How far the policy moved, measured on one stored response (spec 4.2).
+    """How far the policy moved, measured on one stored response (docs/algorithms.md#single-stream-forgetting-factor).
 
     `logprobs_then` are the response's token log-probs under the policy right after the update that followed
     the prompt's previous visit, `logprobs_now` under the current (post-update) policy; both [T]. With
@@ -134,7 +135,7 @@ def single_stream_advantages(
     norm: Literal["sample", "token", "none"] = "sample",
     eps: float = 1e-8,
 ) -> list[float]:
-    """A_i = r_i - v_i, standardised over the whole batch (spec 5, paper eq. 8-9).
+    """A_i = r_i - v_i, standardised over the whole batch (paper eq. 8-9; docs/algorithms.md#single-stream-advantages).
 
     `baselines` are the tracker values from *before* this step's observations, so the baseline does not
     depend on the action. `norm`:
@@ -182,7 +183,8 @@ def single_stream_advantages(
 
 
 def sampling_weights(values: Sequence[float | None], epsilon: float = 0.05) -> list[float]:
-    """Prioritised prompt sampling weights w = sqrt(v (1 - v)) + epsilon (spec 6, paper eq. 11).
+    """Prioritised prompt sampling weights w = sqrt(v (1 - v)) + epsilon (paper eq. 11;
+    docs/algorithms.md#single-stream-prompt-sampling).
 
     The first term is a Bernoulli std, favouring prompts near 50 % success; epsilon keeps solved and
     unsolved prompts reachable. A prompt without a value (None: no offline estimate) gets weight 0 and is

@@ -1,4 +1,4 @@
-"""SPO-tree's pure math: node values from leaf rewards, and edge advantages (reference section 3.2-3.3).
+"""SPO-tree's pure math: node values from leaf rewards, and edge advantages (docs/algorithms.md#spo-tree).
 
 Values are computed with exact rational arithmetic. The reference keeps an edge iff its advantage is
 exactly non-zero; with float means, siblings of equal value can leave a 1e-17 residue (0.1 + 0.1 + 0.1

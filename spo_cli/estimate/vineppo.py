@@ -1,4 +1,4 @@
-"""VinePPO's estimator (reference section 1.4): Monte Carlo values at the prompt and after each step.
+"""VinePPO's estimator (docs/algorithms.md#vineppo): Monte Carlo values at the prompt and after each step.
 
 Step k of a response (k = 0..n-1) is a segment; V_k is the value of the state before step k (V_0 is the
 prompt's) and V_n = 0 is the terminal value. The step reward r_k is the episode's reward on the last

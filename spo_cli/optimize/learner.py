@@ -308,7 +308,8 @@ def start_processes(hardware: Hardware, runtime) -> tuple[Any, Cluster, dict[str
     group = InitProcessGroupKwargs(timeout=timedelta(hours=3))
     kwargs: dict[str, Any] = {"kwargs_handlers": [group]}
     if runtime.device == "cpu":
-        # accelerate only picks gloo on a GPU-less machine when told (environment.md section 3).
+        # accelerate only picks gloo on a GPU-less machine when told
+        # (docs/software_stack.md#accelerate-on-a-machine-without-a-gpu).
         group.backend = "gloo"
         if base is None:
             kwargs["cpu"] = True

@@ -1,8 +1,9 @@
 """PPO clipped policy loss with the SPO probability mask, k3 KL, whitening and log-prob helpers.
 
 Pure tensor functions: no config objects, no I/O. Reference semantics are those of treetune's
-``PPOTrainer._compute_actor_loss`` and ``masked_whiten`` (spec sections 4.1-4.3), with the
-reference's NaN cases (empty mask, single whitening entry) replaced by finite results.
+``PPOTrainer._compute_actor_loss`` and ``masked_whiten`` (docs/algorithms.md#policy-optimization), with the
+reference's NaN cases (empty mask, single whitening entry) replaced by finite results
+(docs/reference_differences.md#finite-results-where-the-reference-gives-nan).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ __all__ = [
     "token_log_probs",
 ]
 
-# The reference clamps the reference/policy log-ratio of the k3 estimator to +-10 (spec 4.3).
+# The reference clamps the reference/policy log-ratio of the k3 estimator to +-10 (docs/algorithms.md#kl-term).
 _KL_LOG_RATIO_CLAMP = 10.0
 
 
@@ -119,9 +120,9 @@ def ppo_clip_loss(
     * ``"token_mean"``: ``sum(m * k3)`` divided by the same denominator as ``pg`` under
       ``loss_agg="token_mean"``; under ``"seq_mean_token_mean"`` by ``sum(m)`` (the
       ``normalizer`` then counts rows, not tokens).
-    * ``"seq_sum"``: per-sequence sum, averaged over all ``B`` sequences (reference 4.3), or
-      divided by ``kl_normalizer`` when given (the sequence count of a whole mini-batch, for
-      gradient accumulation); ``normalizer`` does not apply.
+    * ``"seq_sum"``: per-sequence sum, averaged over all ``B`` sequences (the reference's;
+      docs/algorithms.md#kl-term), or divided by ``kl_normalizer`` when given (the sequence count
+      of a whole mini-batch, for gradient accumulation); ``normalizer`` does not apply.
 
     ``loss = policy_loss + beta * kl``. A micro-batch with no masked token gives ``loss == 0``
     that still backpropagates (zero gradients), unlike the reference's NaN. The reference's
@@ -347,8 +348,8 @@ def masked_whiten(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
     ``mu = mean_S(values)``, ``var = sum_S (values - mu)^2 / (|S| - 1)`` over
     ``S = {mask != 0}`` (all entries if the mask selects none), and
     ``(values - mu) / sqrt(var + eps)`` is applied to every entry, masked or not
-    (reference 4.2). With ``|S| == 1`` the variance is undefined and the reference returns NaN;
-    here the result is ``values - mu`` instead.
+    (the reference's; docs/algorithms.md#advantage-whitening). With ``|S| == 1`` the variance is
+    undefined and the reference returns NaN; here the result is ``values - mu`` instead.
 
     Args:
         values (Tensor): values to whiten, any shape, e.g. advantages ``[B, T]``.

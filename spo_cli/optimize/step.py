@@ -67,7 +67,8 @@ def ppo_update(
     pi_old is the sampling-time log-prob stored in each episode. Every mini-batch of
     `per_device_train_batch_size * gradient_accumulation_steps` episodes per process is one optimizer step; the
     token-mean loss is normalised by the trained tokens of the whole mini-batch (all processes' shares), so
-    accumulation and data parallelism give the same gradient as one big batch.
+    accumulation and data parallelism give the same gradient as one big batch (the reference averages
+    per-micro-batch means instead: docs/reference_differences.md#token-mean-over-the-mini-batch-not-per-micro-batch).
 
     With several processes every process holds all `episodes` and the same shuffle; each trains the episodes
     `rank::world_size` of every mini-batch. A process with fewer micro-batches than another runs a zero-weighted

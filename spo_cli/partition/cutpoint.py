@@ -1,4 +1,4 @@
-"""SPO-chain cutpoints: segment boundaries at low-probability tokens (segment_spo_reference.md 1.2)."""
+"""SPO-chain cutpoints: segment boundaries at low-probability tokens (docs/algorithms.md#cutpoint-partition)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Sequence
 def cutpoint_boundaries(response_logprobs: Sequence[float], rho: float = 0.9, interval: int = 5) -> list[int]:
     """Response-token indices that open a new segment, chosen among low-probability tokens.
 
-    The rule of SPO-chain (Guo et al., arXiv 2505.23564; reference spec 1.2):
+    The rule of SPO-chain (Guo et al., arXiv 2505.23564; docs/algorithms.md#cutpoint-partition):
     ``p_t = exp(response_logprobs[t])`` in float64, the candidates are
     ``K = [t for t in range(L) if p_t < rho]`` (strict), and every ``interval``-th candidate
     is kept: ``K[0::interval]``. Each returned index ``b`` is the first token of a segment;

@@ -1,4 +1,4 @@
-"""Entropy-percentile segments: high-entropy ("forking") tokens open segments (value_net_segment_spo.md D2, D3)."""
+"""Entropy-percentile segments: high-entropy ("forking") tokens open segments (docs/algorithms.md#entropy-partition)."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def entropy_boundaries(
 ) -> list[list[int]]:
     """Per-sequence segment starts at the tokens whose entropy is in the top ``percentile``.
 
-    The rule (value_net_segment_spo.md D2, D3):
+    The rule (decisions D2 and D3 of docs/algorithms.md#segment-gae):
 
     1. ``tau = linear_quantile(H, 1 - percentile)`` where ``H`` holds the entropies of all
        tokens of all sequences (``scope="batch"``, TRL's ``top_entropy_quantile``

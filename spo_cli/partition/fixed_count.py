@@ -1,4 +1,5 @@
-"""A fixed number of equal parts per response: the reference's "naive" ablation (segment_spo_reference.md 1.3)."""
+"""A fixed number of equal parts per response: the reference's "naive" ablation
+(docs/algorithms.md#fixed-count-partition)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ def fixed_count_boundaries(response_length: int, num_segments: int = 4) -> list[
         list[int]: strictly increasing indices in ``(0, L)``, at most ``k - 1`` of them.
         When ``L < k`` the trailing parts are empty and are skipped, so ``L`` tokens give
         ``L - 1`` boundaries (e.g. ``L=3, k=4 -> [1, 2]``). ``L == 0`` or ``k == 1`` -> ``[]``.
+        For such short responses the reference also keeps a state after the whole response,
+        whose Monte Carlo value replaces the reward in the last segment's advantage; here the
+        last segment always ends with the reward
+        (docs/reference_differences.md#fixed-count-partition-of-responses-shorter-than-k-tokens).
 
     Raises:
         ValueError: if ``response_length < 0`` or ``num_segments < 1``.

@@ -1,4 +1,4 @@
-"""Reasoning-step partition (VinePPO baseline, segment_spo_reference.md 1.4): one segment per solution line."""
+"""Reasoning-step partition (VinePPO baseline, docs/algorithms.md#step-partition): one segment per solution line."""
 
 from __future__ import annotations
 
@@ -28,11 +28,12 @@ def step_char_starts(text: str) -> list[int]:
     * A text without any non-blank piece (e.g. ``"\\n\\n"`` or ``"\\n#### 5"``) is a single
       step.
 
-    Where this departs from the reference: it keeps each middle empty line as a step of its
-    own (a state that differs from the previous one only by a newline, not worth a value
-    estimate); without an answer marker it leaves trailing empty lines as steps too; and it
-    fails on a text with two ``"\\n#### "`` markers, where here everything from the first
-    one on belongs to the last step.
+    Where this departs from the reference
+    (docs/reference_differences.md#step-partition-blank-lines-and-answer-markers): the reference
+    keeps each middle empty line as a step of its own (a state that differs from the previous
+    one only by a newline, not worth a value estimate); without an answer marker it leaves
+    trailing empty lines as steps too; and it fails on a text with two ``"\\n#### "`` markers,
+    where here everything from the first one on belongs to the last step.
 
     Args:
         text (str): the decoded response.

@@ -1,4 +1,4 @@
-"""Synthetic multi-step arithmetic in GSM8K answer format (tiny_arith_feasibility.md section 1).
+"""Synthetic multi-step arithmetic in GSM8K answer format (docs/tasks.md#synthetic-arithmetic).
 
     Start at 6. Times 6. Minus 17. Times 2. Result?      <- question
     6*6=36\\n36-17=19\\n19*2=38\\n#### 38                  <- solution; answer "38"
@@ -55,10 +55,11 @@ def make_problem(
     max_mul: int = 9,
     max_val: int = 99,
 ) -> ArithProblem:
-    """One problem with `n_steps` operations, drawn from `rng` (port of the spec's generator).
+    """One problem with `n_steps` operations, drawn from `rng` (port of the feasibility study's generator,
+    docs/tasks.md#arithmetic-generator).
 
-    Same draws as the spec for every path where the spec's code runs; the one change: at x == 0 the
-    spec can pick "mul" and divide by zero (`max_val // x`), so "mul" at 0 becomes "add" exactly as
+    Same draws as the original for every path where the original runs; the one change: at x == 0 the
+    original can pick "mul" and divide by zero (`max_val // x`), so "mul" at 0 becomes "add" exactly as
     "sub" at 0 already does (the choice list is unchanged, so other draws are unaffected).
     """
     _check_knobs(n_steps, max_start, max_add, max_mul, max_val)
@@ -95,8 +96,9 @@ def held_out_problems(
 ) -> list[ArithProblem]:
     """`n_per_step` distinct problems for each step count, in order; deterministic in `seed`.
 
-    The spec's held-out set is seed-fixed, 200 per step count for 2, 3 and 4 steps. Questions are
-    distinct across the whole list (different step counts can never collide anyway).
+    The feasibility study's held-out set (docs/tasks.md#arithmetic-held-out-set) is seed-fixed, 200 per step
+    count for 2, 3 and 4 steps. Questions are distinct across the whole list (different step counts can never
+    collide anyway).
     `knobs` are make_problem's max_start / max_add / max_mul / max_val.
     """
     rng = random.Random(seed)
@@ -130,8 +132,8 @@ def sample_problems(
 ) -> list[ArithProblem]:
     """`n` training problems, n_steps ~ U{min_steps..max_steps}, skipping questions in `exclude`.
 
-    Repeats are allowed (the spec samples training problems on the fly); `exclude` is the held-out
-    question set. `knobs` are make_problem's max_start / max_add / max_mul / max_val.
+    Repeats are allowed (the feasibility study samples training problems on the fly); `exclude` is the
+    held-out question set. `knobs` are make_problem's max_start / max_add / max_mul / max_val.
     """
     if not 1 <= min_steps <= max_steps:
         raise SpoUserError(f"arithmetic task: need 1 <= min_steps ({min_steps}) <= max_steps ({max_steps})")

@@ -1,8 +1,9 @@
 """Loading task records: local JSONL files, or Hugging Face Hub datasets that fail fast offline.
 
-Why the care for the Hub (environment.md section 8): without network, `datasets.load_dataset` retries
-for ~23 s before failing with an opaque ConnectionError. We probe the host first and, when it is
-unreachable, only look in the local cache, then name the recipe field and a local alternative.
+Why the care for the Hub (docs/software_stack.md#hugging-face-hub-offline): without network,
+`datasets.load_dataset` retries for ~23 s before failing with an opaque ConnectionError. We probe the host
+first and, when it is unreachable, only look in the local cache, then name the recipe field and a local
+alternative.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """GSM8K in the reference's original format: prompt template, gold answers, and the reward.
 
 Reference: `src/treetune/tasks/gsm8k.py` with `use_original_format: true` and `MATHRewardFunction`
-(segment_spo_reference.md section 2.3 and section 6). The synthetic arithmetic task reuses
+(docs/tasks.md#gsm8k). The synthetic arithmetic task reuses
 `reward` because it answers in the same "#### <answer>" format.
 """
 
@@ -11,9 +11,9 @@ import re
 
 from spo_cli.errors import SpoUserError
 
-# Rho-1B SFT template (spec section 6); the question is stripped before formatting.
+# Rho-1B SFT template (docs/tasks.md#gsm8k-prompt); the question is stripped before formatting.
 PROMPT_TEMPLATE = "[MATH_TASK] Problem:\n{question}\n\nSolution:"
-# Stop string used for sampling (spec section 6): the SFT model starts a new problem after three newlines.
+# Stop string used for sampling (docs/tasks.md#gsm8k-prompt): the SFT model starts a new problem after three newlines.
 STOP = "\n\n\nProblem:"
 
 ANSWER_MARK = "####"
@@ -28,7 +28,7 @@ def format_prompt(question: str) -> str:
 
 
 def clean_solution(solution: str) -> str:
-    """The worked solution with calculator annotations `<<...>>` removed (SFT/gold text, spec section 6)."""
+    """The worked solution with calculator annotations `<<...>>` removed (SFT/gold text, docs/tasks.md#gsm8k-prompt)."""
     return _CALCULATOR_RE.sub("", solution)
 
 
@@ -52,7 +52,7 @@ def extract_answer(response: str) -> str | None:
 
 
 def reward(response: str, gold: str) -> float:
-    """Reference GSM8K reward (spec section 2.3): -2.0, 0.0 or 1.0.
+    """Reference GSM8K reward (docs/tasks.md#gsm8k-reward): -2.0, 0.0 or 1.0.
 
     - more than one "####" -> -2.0 (multiple conclusions), checked before anything else;
     - no extracted answer -> 0.0 ("unfinished");

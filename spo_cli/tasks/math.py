@@ -1,9 +1,11 @@
 """MATH / MATH500 / AIME: the R1-Distill prompt, gold answers, and a math-verify grader safe in any thread.
 
-Grading follows the paper's evaluation (segment_spo_reference.md section 7: lighteval
-`extractive_match`): gold parsed as LaTeX (wrapped in `$...$`, environment.md section 7), prediction
-parsed as expression + LaTeX with `\\boxed{}` priority, compared at 5 decimals. It is not the
-reference's training-time Minerva grader (spec section 2.3), which spo does not port.
+Grading follows the paper's evaluation (lighteval `extractive_match`, docs/tasks.md#math-grading): gold
+parsed as LaTeX (wrapped in `$...$`, docs/software_stack.md#math-verify), prediction parsed as expression +
+LaTeX with `\\boxed{}` priority, compared at 5 decimals. It is not the reference's training-time Minerva
+grader, which spo does not port (docs/reference_differences.md#math-rewards-from-math-verify). Several
+`\\boxed{}` answers in one response are read as one set answer, where the reference graders take the last
+one (docs/reference_differences.md#math-grading-of-several-boxed-answers).
 
 Why worker processes: math-verify enforces its time limits with `signal.alarm`, which only works in
 a process's main thread (elsewhere it raises ValueError). `MathGrader` runs parse/verify in the main
@@ -32,7 +34,7 @@ from concurrent.futures.process import BrokenProcessPool
 from spo_cli.errors import SpoUserError
 from spo_cli.tasks.data import text_field
 
-# open-r1's MATH prompt wrapped in the DeepSeek chat format by hand (spec section 6). For
+# open-r1's MATH prompt wrapped in the DeepSeek chat format by hand (docs/tasks.md#r1-distill-prompt). For
 # `str.format`: `{{ANSWER}}` renders as `{ANSWER}`. Two spaces after "clearly." are intentional.
 R1_PROMPT_TEMPLATE = (
     "<｜begin▁of▁sentence｜><｜User｜>Solve the following math problem efficiently and clearly.  "
@@ -50,7 +52,7 @@ FLOAT_ROUNDING = 5
 
 
 def format_r1_prompt(problem: str) -> str:
-    """The R1-Distill sampling prompt for one problem (spec section 6)."""
+    """The R1-Distill sampling prompt for one problem (docs/tasks.md#r1-distill-prompt)."""
     return R1_PROMPT_TEMPLATE.format(problem=problem)
 
 
@@ -116,7 +118,7 @@ def _parse_gold(gold: str, timeout: int | None) -> tuple:
     from math_verify import parse
 
     # Many responses share one gold (n samples per question): parse it once. Bare LaTeX like
-    # `\frac{14}{3}` often fails to parse; wrapped in `$...$` it does (environment.md section 7).
+    # `\frac{14}{3}` often fails to parse; wrapped in `$...$` it does (docs/software_stack.md#math-verify).
     parsed = parse(f"${gold}$", extraction_config=_extraction_configs()[0], parsing_timeout=timeout)
     return tuple(parsed)
 

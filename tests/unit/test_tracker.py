@@ -41,7 +41,8 @@ def test_observe_first_visit_then_revisit_with_kl_rho():
     assert stats.first_visits == 1 and stats.rhos == [0.96]
     assert (tracker.beliefs["a"].alpha, tracker.beliefs["a"].beta) == pytest.approx((3.88, 4.80))
 
-    # Revisit: the policy moved every stored log-prob by 0.03 -> D = 0.03 -> rho = 0.875 (table 12.2).
+    # Revisit: the policy moved every stored log-prob by 0.03 -> D = 0.03 -> rho = 0.875
+    # (docs/algorithms.md#single-stream-worked-examples).
     def score(prompt_ids, response_ids):
         assert (prompt_ids, response_ids) == ([[1, 2]], [[3, 4]])
         return [[-1.03, -1.97]]

@@ -125,7 +125,8 @@ def test_tokens_reject_bad_rho():
 
 
 def reference_token_advantages(logprobs, cutpoints, values, reward, rho=0.9):
-    """segment_spo_reference.md 2.2, transcribed loop by loop (cutpoints = boundaries - 1)."""
+    """The reference's `_compute_token_advantages`, transcribed loop by loop (cutpoints = boundaries - 1); its
+    result is described in docs/algorithms.md#spo-chain."""
     length = len(logprobs)
     val = [None] * length
     val[length - 1] = reward

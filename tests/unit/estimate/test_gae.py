@@ -1,4 +1,5 @@
-"""Token-level GAE (estimator.kind=gae), checked against the worked example of value_net_segment_spo.md section 4."""
+"""Token-level GAE (estimator.kind=gae), checked against the worked example of
+docs/algorithms.md#segment-gae-worked-example."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from spo_cli.recipe import Gae
 
 from ..test_episode import make_episode
 
-# Spec section 4, sequence A: values at the three step starts, the outcome reward on the last step.
+# The worked example's sequence A (docs/algorithms.md#segment-gae-worked-example): values at the three step starts,
+# the outcome reward on the last step.
 VALUES = [0.5, 0.4, 0.7]
 REWARDS = [0.0, 0.0, 1.0]
 

@@ -1,5 +1,5 @@
-"""Value-network segment SPO (estimator.kind=segment_gae), checked against value_net_segment_spo.md section 4
-and small examples worked out by hand."""
+"""Value-network segment SPO (estimator.kind=segment_gae), checked against the worked example of
+docs/algorithms.md#segment-gae-worked-example and small examples worked out by hand."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from spo_cli.recipe import SegmentGae
 
 from ..test_episode import make_episode
 
-# Spec section 4, sequence A (8 tokens, percentile 0.2, batch scope): segments [0, 1), [1, 4), [4, 8).
+# The worked example's sequence A (docs/algorithms.md#segment-gae-worked-example; 8 tokens, percentile 0.2, batch
+# scope): segments [0, 1), [1, 4), [4, 8).
 BOUNDS_A = [(0, 1), (1, 4), (4, 8)]
 SEGMENT_VALUES_A = [0.5, 0.4, 0.7]
 # The critic's value before every token; only those at segment starts (0, 1, 4) may matter.
@@ -51,7 +52,8 @@ def test_spec_example_a_lambda_one_gives_monte_carlo_returns():
 
 
 def test_two_segments_by_hand():
-    # Spec sequence B's split [0, 3), [3, 6); V = [0.6, 0.3] at the starts, a wrong answer (r = 0), lam 0.5:
+    # The worked example's sequence B split as [0, 3), [3, 6), with V = [0.6, 0.3] at the starts, a wrong answer
+    # (r = 0) and lam 0.5:
     # delta1 = 0 + 0 - 0.3 = -0.3, A1 = -0.3; delta0 = 0 + 0.3 - 0.6 = -0.3, A0 = -0.3 + 0.5 * -0.3 = -0.45;
     # G = A + V = [0.15, 0.0].
     advantages, returns = segment_gae([0.6, 0.3], 0.0, gamma=1.0, lam=0.5)
@@ -80,7 +82,7 @@ def test_value_targets_at_segment_starts_or_all_tokens():
 
 
 def test_whitening_of_the_spec_example():
-    # mean 0.426344, population variance 0.017529 (spec section 4)
+    # mean 0.426344, population variance 0.017529 (docs/algorithms.md#segment-gae-worked-example)
     (whitened,) = whiten_tokens([TOKEN_ADVANTAGES_A])
     expected = [0.222107] + [1.198339] * 3 + [-0.954281] * 4
     assert whitened == pytest.approx(expected, abs=1e-6)

@@ -1,4 +1,4 @@
-"""Single-stream SPO math, checked against the worked examples of single_stream_spo.md section 12."""
+"""Single-stream SPO math, checked against the worked examples of docs/algorithms.md#single-stream-worked-examples."""
 
 from __future__ import annotations
 

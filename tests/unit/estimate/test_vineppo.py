@@ -1,4 +1,4 @@
-"""VinePPO's step advantages (reference section 1.4), checked against values worked out by hand."""
+"""VinePPO's step advantages (docs/algorithms.md#vineppo), checked against values worked out by hand."""
 
 from __future__ import annotations
 

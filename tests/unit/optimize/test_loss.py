@@ -173,7 +173,7 @@ def test_probability_mask_is_strict_at_rho():
     inputs = make_inputs([[0.0]], [[1.0]], old=old.tolist())
     out = ppo_clip_loss(inputs, prob_mask_rho=rho)
     assert out.metrics["num_tokens"] == 0.0 and out.loss.item() == 0.0
-    # The reference's rho = 0.9 on a float32 log(0.9) also excludes it (spec gotcha 3).
+    # The reference's rho = 0.9 on a float32 log(0.9) also excludes it (docs/algorithms.md#probability-mask).
     assert ppo_clip_loss(inputs, prob_mask_rho=0.9).metrics["num_tokens"] == 0.0
 
 

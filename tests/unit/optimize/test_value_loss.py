@@ -1,4 +1,5 @@
-"""The critic's clipped value loss, checked against the worked example of value_net_segment_spo.md section 4."""
+"""The critic's clipped value loss, checked against the worked example of
+docs/algorithms.md#segment-gae-worked-example."""
 
 from __future__ import annotations
 

@@ -239,7 +239,7 @@ def test_step_tokens_binary_search_calls_prefix_chars_logarithmically():
 
 # ---------------------------------------------------------------- entropy
 
-# value_net_segment_spo.md section 4, "Boundaries, batch scope".
+# The worked example of docs/algorithms.md#segment-gae-worked-example (boundaries, batch scope).
 SEQ_A = [0.1, 2.0, 0.2, 0.1, 1.5, 0.3, 0.1, 0.05]
 SEQ_B = [0.4, 0.1, 0.1, 2.5, 0.2, 0.1]
 

@@ -1,4 +1,4 @@
-"""The synthetic arithmetic generator (tiny_arith_feasibility.md section 1)."""
+"""The synthetic arithmetic generator (docs/tasks.md#arithmetic-generator)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ WORD_FOR = {"+": "Add", "-": "Minus", "*": "Times"}
 
 
 def spec_make_problem(rng, n_steps, max_start=20, max_add=20, max_mul=9, max_val=99):
-    """The spec's generator, verbatim (modulo line breaks), to check the port against."""
+    """The feasibility study's original generator, verbatim (modulo line breaks), to check the port against."""
     x = rng.randint(1, max_start)
     words, lines = [f"Start at {x}."], []
     for _ in range(n_steps):
@@ -75,7 +75,7 @@ def test_matches_spec_generator_and_avoids_its_zero_division() -> None:
     for seed in range(3000):
         try:
             question, solution, answer = spec_make_problem(random.Random(seed), 5)
-        except ZeroDivisionError:  # the spec's code picks "mul" at x == 0
+        except ZeroDivisionError:  # the original picks "mul" at x == 0
             crashes += 1
             check_problem(arith.make_problem(random.Random(seed), 5), 5, 99)
             continue

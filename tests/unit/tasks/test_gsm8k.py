@@ -1,4 +1,4 @@
-"""GSM8K reward semantics (segment_spo_reference.md section 2.3) and gold parsing on the real data."""
+"""GSM8K reward semantics (docs/tasks.md#gsm8k-reward) and gold parsing on the real data."""
 
 from __future__ import annotations
 
