@@ -4,8 +4,8 @@ Grading follows the paper's evaluation (lighteval `extractive_match`, docs/tasks
 parsed as LaTeX (wrapped in `$...$`, docs/software_stack.md#math-verify), prediction parsed as expression +
 LaTeX with `\\boxed{}` priority, compared at 5 decimals. It is not the reference's training-time Minerva
 grader, which spo does not port (docs/reference_differences.md#math-rewards-from-math-verify). Several
-`\\boxed{}` answers in one response are read as one set answer, where the reference graders take the last
-one (docs/reference_differences.md#math-grading-of-several-boxed-answers).
+`\\boxed{}` answers in one sentence are read as one answer with several values, where the reference graders
+take the last box (docs/reference_differences.md#math-grading-of-several-boxed-answers).
 
 Why worker processes: math-verify enforces its time limits with `signal.alarm`, which only works in
 a process's main thread (elsewhere it raises ValueError). `MathGrader` runs parse/verify in the main

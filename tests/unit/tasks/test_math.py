@@ -66,6 +66,12 @@ EDGE_CASES = [
     (r"\boxed{1,000}", "1000", 1.0),
     (r"\boxed{(3, \frac{\pi}{2})}", r"\left( 3, \frac{\pi}{2} \right)", 1.0),
     ("", "5", 0.0),
+    # Several boxes: an intermediate result boxed in an earlier paragraph does not count, the last box does...
+    ("First \\boxed{2}.\n\nThus the final answer is \\boxed{3}.", "3", 1.0),
+    ("First \\boxed{2}.\n\nThus the final answer is \\boxed{3}.", "2", 0.0),
+    # ...but boxes within one sentence are one answer with several values (MATH's "2, 3" answers).
+    (r"x is \boxed{2} and y is \boxed{3}", "2, 3", 1.0),
+    (r"\boxed{2}, \boxed{3}", "3", 0.0),
 ]
 
 
