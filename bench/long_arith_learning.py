@@ -6,7 +6,9 @@ have used `--budget-s` seconds (sampling, estimation and optimization: `train.ti
 checkpoint of every iteration. Afterwards two checkpoints of every run are evaluated with `spo eval` on the same
 held-out problems (`--eval-problems`, 4 samples each at the recipes' temperature 1.0):
 
-- equal wall time: the last checkpoint (the budget reached);
+- equal wall time: the last checkpoint whose iterations had used at most the budget in all (the run's own last
+  iteration crosses it, by up to one iteration: minutes for the Monte Carlo methods, so their last checkpoint is
+  also evaluated and shown as "final");
 - equal sampled tokens: the last checkpoint whose iterations had generated at most T tokens in all (responses,
   tree nodes and Monte Carlo rollouts: `tokens/generated` in metrics.jsonl). T is the smallest total any run of the
   first invocation reached, then kept in the results for every later seed, so every seed's figure is final when it
@@ -74,12 +76,13 @@ def iteration_records(run_dir: Path) -> list[dict]:
     return [r for r in read_records(run_dir / "metrics.jsonl") if "iteration" in r]
 
 
-def checkpoint_within(records: list[dict], tokens: float) -> int:
-    """The last iteration whose run had generated at most `tokens` in all by its end (0: none, the warm start)."""
+def checkpoint_within(records: list[dict], key: str, limit: float) -> int:
+    """The last iteration by whose end the run had used at most `limit` of `key` in all (`tokens/generated` or
+    `time/iteration_s`); 0 when its first iteration alone used more (at that budget it is the warm start)."""
     used, last = 0.0, 0
     for r in records:
-        used += r["tokens/generated"]
-        if used > tokens:
+        used += r[key]
+        if used > limit:
             break
         last = r["iteration"]
     return last
@@ -93,12 +96,15 @@ def evaluate(recipe: str, checkpoints: list[Path], out: Path, problems: int, thr
     return json.loads((out / "results.json").read_text())["results"]
 
 
-def summarize_run(run_dir: Path, method: str, tokens_mark: float, problems: int, threads: int, warm_row: dict) -> dict:
+def summarize_run(run_dir: Path, method: str, marks: dict, problems: int, threads: int, warm_row: dict) -> dict:
     records = iteration_records(run_dir)
-    last = records[-1]["iteration"]
-    at_tokens = checkpoint_within(records, tokens_mark)
     ckpt = run_dir / "checkpoints"
-    points = {"time": last, "tokens": at_tokens}
+    points = {
+        "time": checkpoint_within(records, "time/iteration_s", marks["budget_s"]),
+        "tokens": checkpoint_within(records, "tokens/generated", marks["tokens_mark"]),
+        "final": records[-1]["iteration"],  # the run's end: its last iteration crossed the budget
+    }
+    last = points["final"]
     evaluated = sorted({i for i in points.values() if i > 0})
     rows = evaluate(METHODS[method][0], [ckpt / f"iter_{i:06d}" for i in evaluated], run_dir / "bench_eval", problems,
                     threads) if evaluated else []  # fmt: skip
@@ -106,7 +112,7 @@ def summarize_run(run_dir: Path, method: str, tokens_mark: float, problems: int,
     result = {"iterations": last, "tokens_total": sum(r["tokens/generated"] for r in records),
               "seconds": sum(r["time/iteration_s"] for r in records)}  # fmt: skip
     for name, iteration in points.items():
-        # Iteration 0: the run's first iteration alone generated more than T tokens, so at T it is the warm start.
+        # Iteration 0: the run's first iteration alone went past the mark, so at the mark it is the warm start.
         row = warm_row if iteration == 0 else next(r for label, r in by_label.items() if label.endswith(f"iter_{iteration:06d}"))
         result[name] = {"iteration": iteration, "accuracy": row["accuracy"], "accuracy_se": row.get("accuracy_se")}
     for key in CREDIT:
@@ -186,35 +192,37 @@ def main() -> None:
 
     def summarize(run: tuple[str, int, Path]) -> None:
         method, seed, run_dir = run
-        summary = summarize_run(run_dir, method, results["tokens_mark"], args.eval_problems, threads,
-                                results["warm_start"])  # fmt: skip
+        marks = {"budget_s": args.budget_s, "tokens_mark": results["tokens_mark"]}
+        summary = summarize_run(run_dir, method, marks, args.eval_problems, threads, results["warm_start"])
         done.setdefault(method, {})[str(seed)] = summary
         save_results(args.json, results)  # after every run: an interrupted benchmark keeps what it measured
 
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(summarize, runs))
-    print_tables(done, results["warm_start"], results["tokens_mark"], args.budget_s)
-    plot_curves(done, args.out / "curves.png")
+    in_order = {m: dict(sorted(done[m].items(), key=lambda kv: int(kv[0]))) for m in METHODS if m in done}
+    print_tables(in_order, results["warm_start"], results["tokens_mark"], args.budget_s)
+    plot_curves(in_order, args.out / "curves.png")
 
 
 def print_tables(table: dict, warm_row: dict, tokens_mark: float, budget_s: float) -> None:
     print(f"\nwarm start: sampled accuracy {warm_row['accuracy']:.3f} ± {warm_row.get('accuracy_se') or 0:.3f}")
-    print(f"held-out sampled accuracy at equal wall time ({budget_s:.0f} s of RL) and at equal sampled tokens "
-          f"({tokens_mark / 1e6:.2f} M); mean over seeds, then each seed")  # fmt: skip
-    header = f"{'method':<14}{'time: mean':>11}  {'seeds':<22}{'tokens: mean':>13}  {'seeds':<22}{'iters':>7}"
-    print(header + f"{'M tokens':>10}{'misplaced':>11}{'uniform':>9}{'localized':>11}")
+    print(f"held-out sampled accuracy at equal wall time ({budget_s:.0f} s of RL), at equal sampled tokens "
+          f"({tokens_mark / 1e6:.2f} M) and at each run's end; mean over seeds [median iterations], then each seed")  # fmt: skip
+    budgets = ("time", "tokens", "final")
+    print(f"{'method':<14}" + "".join(f"{b:>16}{'seeds':>24}" for b in budgets)
+          + f"{'s at end':>10}{'M tokens':>10}{'misplaced':>11}{'uniform':>9}{'localized':>11}")  # fmt: skip
     for method, per_seed in table.items():
-        cells = []
-        for budget in ("time", "tokens"):
-            shown = [r[budget]["accuracy"] for r in per_seed.values()]
-            cells.append(f"{statistics.fmean(shown):>11.3f}  " + f"{' '.join(f'{a:.3f}' for a in shown):<22}")
         rows = list(per_seed.values())
-        iters = statistics.median(r["iterations"] for r in rows)
+        line = f"{method:<14}"
+        for budget in budgets:
+            shown = [r[budget]["accuracy"] for r in rows]
+            iters = statistics.median(r[budget]["iteration"] for r in rows)
+            line += f"{statistics.fmean(shown):>10.3f} [{iters:>3.0f}]" + f"{' '.join(f'{a:.3f}' for a in shown):>24}"
+        seconds = statistics.median(r["seconds"] for r in rows)
         tokens = statistics.median(r["tokens_total"] for r in rows) / 1e6
         credit = [statistics.fmean(r[k] for r in rows) if all(r[k] is not None for r in rows) else float("nan")
                   for k in CREDIT]  # fmt: skip
-        print(f"{method:<14}" + cells[0] + " " + cells[1] + f"{iters:>7.0f}{tokens:>10.2f}"
-              + "".join(f"{c:>10.3f} " for c in credit))  # fmt: skip
+        print(line + f"{seconds:>10.0f}{tokens:>10.2f}" + "".join(f"{c:>10.3f} " for c in credit))
 
 
 def plot_curves(table: dict, path: Path) -> None:
