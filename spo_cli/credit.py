@@ -72,20 +72,33 @@ def credit_metrics(episodes: Sequence[Episode], slack: int = LOCALIZATION_SLACK)
     """The credit metrics (`credit/...`) of estimated episodes; empty when none is a wrong response with a known
     first error (a task that cannot tell, or no wrong responses)."""
     wrong = [ep for ep in episodes if ep.first_error is not None and ep.segments is not None]
-    if not wrong:
+    cases = [
+        (token_advantages(ep), [(s.start, s.end, s.advantage or 0.0) for s in ep.segments], ep.first_error)
+        for ep in wrong
+    ]
+    return summarize_credit(cases, slack)
+
+
+CreditCase = tuple[Sequence[float], Sequence[tuple[int, int, float]], int]
+
+
+def summarize_credit(cases: Sequence[CreditCase], slack: int = LOCALIZATION_SLACK) -> dict[str, float]:
+    """The credit metrics of wrong responses given as (token advantages, segments as (start, end, advantage),
+    first wrong token); empty without any."""
+    if not cases:
         return {}
     misplaced, uniform, localized, spans = [], [], [], []
-    for ep in wrong:
-        share = misplaced_blame(token_advantages(ep), ep.first_error)
-        blamed = most_negative_segments([(s.start, s.end, s.advantage or 0.0) for s in ep.segments])
+    for advantages, segments, first_wrong in cases:
+        share = misplaced_blame(advantages, first_wrong)
+        blamed = most_negative_segments(segments)
         if share is None or not blamed:
             continue
-        n = len(ep.response_token_ids)
+        n = len(advantages)
         misplaced.append(share)
-        uniform.append(ep.first_error / n)
-        localized.append(float(localizes(blamed, ep.first_error, slack)))
+        uniform.append(first_wrong / n)
+        localized.append(float(localizes(blamed, first_wrong, slack)))
         spans.append(sum(end - start for start, end in blamed) / n)
-    out = {"credit/wrong_responses": float(len(wrong)), "credit/blamed_share": len(misplaced) / len(wrong)}
+    out = {"credit/wrong_responses": float(len(cases)), "credit/blamed_share": len(misplaced) / len(cases)}
     if misplaced:
         out.update(
             {
@@ -96,6 +109,60 @@ def credit_metrics(episodes: Sequence[Episode], slack: int = LOCALIZATION_SLACK)
             }
         )
     return out
+
+
+# SPO-tree's episodes are its edges (one segment each); a wrong response is a root-to-leaf path of them, and its
+# first wrong token (`PATH_FIRST_ERROR` in the leaf's `metadata["tree"]`) is a token of that whole path.
+PATH_FIRST_ERROR = "path_first_error"
+
+
+def tree_paths(nodes: Sequence[Episode]) -> dict[str, list[Episode]]:
+    """Each leaf's root-to-leaf path of node episodes (`metadata["tree"]`: node, parent, leaf), by leaf episode id."""
+    by_node = {(ep.group_id, str(ep.metadata["tree"]["node"])): ep for ep in nodes}
+    paths = {}
+    for leaf in nodes:
+        if not leaf.metadata["tree"].get("leaf"):
+            continue
+        path, node = [], leaf
+        while node is not None:
+            path.append(node)
+            node = by_node.get((leaf.group_id, str(node.metadata["tree"]["parent"])))
+        paths[leaf.id] = path[::-1]
+    return paths
+
+
+def estimated_credit(inputs: Sequence[Episode], estimated: Sequence[Episode]) -> dict[str, float]:
+    """The credit metrics of an estimation: of its estimated responses, or, when its inputs are SPO-tree's node
+    episodes, of their wrong root-to-leaf paths."""
+    if inputs and all("tree" in ep.metadata for ep in inputs):
+        return tree_credit_metrics(inputs, estimated)
+    return credit_metrics(estimated)
+
+
+def tree_credit_metrics(
+    nodes: Sequence[Episode], estimated: Sequence[Episode], slack: int = LOCALIZATION_SLACK
+) -> dict[str, float]:
+    """The credit metrics of SPO-tree's wrong root-to-leaf paths: each edge's tokens carry the edge's advantage
+    (from `estimated`, the edges the estimator kept; 0 for the others), each edge is a segment.
+
+    Args:
+        nodes: every node episode of the iteration's trees, leaves with `PATH_FIRST_ERROR` where known.
+        estimated: the estimator's output: node episodes whose segments carry their edge's advantage.
+    """
+    advantage = {ep.id: (ep.segments[0].advantage or 0.0) if ep.segments else 0.0 for ep in estimated}
+    cases = []
+    for leaf_id, path in tree_paths(nodes).items():
+        first_wrong = path[-1].metadata["tree"].get(PATH_FIRST_ERROR)
+        if first_wrong is None:
+            continue
+        segments, start = [], 0
+        for ep in path:
+            end = start + len(ep.response_token_ids)
+            segments.append((start, end, advantage.get(ep.id, 0.0)))
+            start = end
+        tokens = [a for begin, end, a in segments for _ in range(end - begin)]
+        cases.append((tokens, segments, first_wrong))
+    return summarize_credit(cases, slack)
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from spo_cli.credit import credit_metrics
+from spo_cli.credit import estimated_credit
 from spo_cli.episode import Episode, iter_jsonl, model_fit_problem, read_numbered_episodes, write_episodes
 from spo_cli.errors import SpoUserError
 from spo_cli.recipe import Entropy, McTree, Recipe, Step, Whole
@@ -107,15 +107,15 @@ def estimate_file(
             sampler = build_sampler(recipe.sampling, model, tokenizer, runtime)
             max_context = getattr(model.config, "max_position_embeddings", None)
             state_values = build_state_values(recipe, sampler, tokenizer, task, max_context)
-        episodes, stats = estimate_advantages(episodes, recipe.estimator, state_values, critic_values)
+        estimated, stats = estimate_advantages(episodes, recipe.estimator, state_values, critic_values)
     except ValueError as exc:
         raise SpoUserError(f"{input_path}: {exc}") from None
     finally:
         if task is not None:
             task.close()
-    write_episodes(output_path, episodes)
+    write_episodes(output_path, estimated)
     # Episodes saved by a run on a task with a known first error: the same responses, any estimator, compared.
-    return {"episodes": float(len(episodes)), **stats, **credit_metrics(episodes)}
+    return {"episodes": float(len(estimated)), **stats, **estimated_credit(episodes, estimated)}
 
 
 def _critic_values(

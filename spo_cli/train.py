@@ -21,7 +21,7 @@ from typing import Any
 from rich.console import Console
 
 from spo_cli.checkpoint import latest_checkpoint, read_trainer_state, save_checkpoint, save_json
-from spo_cli.credit import credit_metrics, token_at_char
+from spo_cli.credit import PATH_FIRST_ERROR, estimated_credit, token_at_char, tree_paths
 from spo_cli.distributed import LOCAL, Cluster
 from spo_cli.episode import Episode, write_episodes
 from spo_cli.errors import SpoError, SpoUserError
@@ -239,7 +239,25 @@ def sample_trees(
     episodes, stats = grow_trees(
         questions, sampler, tokenizer, task, recipe.estimator, params, seed=recipe.run.seed, iteration=iteration
     )
+    episodes = mark_path_first_errors(episodes, {p.id: p for p in problems}, task, tokenizer)
     return episodes, {"num_prompts": float(len(problems)), **stats}
+
+
+def mark_path_first_errors(nodes: list[Episode], problems: dict, task: Task, tokenizer) -> list[Episode]:
+    """SPO-tree's wrong leaves, each with the first wrong token of its whole root-to-leaf path
+    (`credit.PATH_FIRST_ERROR` in `metadata["tree"]`), on a task that can tell."""
+    if task.first_error is None:
+        return nodes
+    paths = tree_paths(nodes)
+    marked = []
+    for ep in nodes:
+        if ep.id in paths and ep.reward is not None and ep.reward < 1.0:
+            ids = [t for node in paths[ep.id] for t in node.response_token_ids]
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            first = first_error_token(task, tokenizer, problems[ep.metadata["tree"]["question"]], text, ids)
+            ep = ep.model_copy(update={"metadata": {**ep.metadata, "tree": {**ep.metadata["tree"], PATH_FIRST_ERROR: first}}})
+        marked.append(ep)
+    return marked
 
 
 def rollout_metrics(episodes: list[Episode]) -> dict[str, float]:
@@ -438,7 +456,7 @@ def train(
                 episodes = partition_episodes(episodes, recipe.partitioner, tokenizer)
                 episodes, estimate_stats = estimate_advantages(episodes, recipe.estimator, state_values, critic_values)
                 # Against the task's ground truth, on this iteration's own responses (before replay adds older ones).
-                estimate_stats.update(credit_metrics(episodes))
+                estimate_stats.update(estimated_credit(sampled, episodes))
                 if replay is not None:
                     replay.add(episodes, iteration)
                     episodes = replay.draw(iteration, random.Random(derive_seed(seed, "replay", iteration)))

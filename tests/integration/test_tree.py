@@ -10,7 +10,7 @@ import sys
 import torch
 from rich.console import Console
 
-from spo_cli.episode import read_episodes
+from spo_cli.episode import read_episodes, write_episodes
 from spo_cli.estimate import estimate_advantages
 from spo_cli.partition import partition_episodes
 from spo_cli.recipe import Whole, parse_recipe
@@ -70,6 +70,7 @@ def test_tree_training_and_resume_restore_the_replay_buffer(tmp_path):
 
 
 def test_standalone_tree_from_a_prompt_file_reproduces_the_loop(tmp_path):
+    from spo_cli.credit import tree_credit_metrics
     from spo_cli.train import train
 
     data = tiny_recipe_dict(tmp_path, **{**TREE, "train": {**TREE["train"], "iterations": 1}})
@@ -79,6 +80,19 @@ def test_standalone_tree_from_a_prompt_file_reproduces_the_loop(tmp_path):
     nodes = read_episodes(run / "trees" / "iter_000001.jsonl")
     in_loop, _ = estimate_advantages(partition_episodes(nodes, Whole(), None), recipe.estimator)
     assert in_loop, "the tiny run should have some edges with a non-zero advantage"
+    # The loop logged the credit of its wrong root-to-leaf paths; the saved trees carry each one's first wrong token.
+    wrong = [ep for ep in nodes if ep.metadata["tree"]["leaf"] and ep.reward < 1.0]
+    assert wrong and all("path_first_error" in ep.metadata["tree"] for ep in wrong)
+    logged = {k: v for k, v in metrics(run)[0].items() if k.startswith("credit/")}
+    assert logged == tree_credit_metrics(nodes, in_loop) and "credit/wrong_responses" in logged
+    write_episodes(tmp_path / "parted.jsonl", partition_episodes(nodes, Whole(), None))
+    saved = subprocess.run(
+        [sys.executable, "-m", "spo_cli", "estimate-values", str(write_recipe(tmp_path / "saved.yaml", data)),
+         "--in", str(tmp_path / "parted.jsonl"), "--out", str(tmp_path / "saved_edges.jsonl")],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert saved.returncode == 0, saved.stderr
+    assert f"credit/wrong_responses {logged['credit/wrong_responses']:g}" in saved.stdout  # the same, offline
 
     # The iteration's prompts, in order, as a prompt file.
     roots = {}

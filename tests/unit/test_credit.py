@@ -163,3 +163,50 @@ def test_credit_metrics_over_episodes():
         }
     )
     assert credit_metrics(episodes[4:]) == {}  # only the right response
+
+
+# ------------------------------------------------------------------------------------------ SPO-tree paths
+
+
+def tree_node(node: str, parent: str, n: int, advantage: float | None, reward=None, path_first_error=None):
+    """A node episode of one tree: `n` tokens, its edge's advantage (None: the estimator dropped the edge)."""
+    tree = {"question": "q", "node": node, "parent": parent, "depth": len(node), "leaf": reward is not None}
+    if path_first_error is not None:
+        tree["path_first_error"] = path_first_error
+    segments = [Segment(start=0, end=n, advantage=advantage)] if advantage is not None else None
+    return make_episode(id=f"t-{node}", group_id="t", response_token_ids=list(range(n)), response_logprobs=[-0.1] * n,
+                        reward=reward, segments=segments, metadata={"tree": tree})  # fmt: skip
+
+
+def test_tree_credit_lays_each_wrong_leaf_out_as_its_root_to_leaf_path():
+    # root -> a (3 tokens, +0.5) -> b (2 tokens, -1.0; wrong, first wrong token 3 of the path: b's first)
+    #                             -> c (2 tokens, dropped by the estimator; right)
+    # root -> d (4 tokens, -0.5; wrong, first wrong token 1)
+    nodes = [
+        tree_node("a", "", 3, 0.5),
+        tree_node("ab", "a", 2, -1.0, reward=0.0, path_first_error=3),
+        tree_node("ac", "a", 2, None, reward=1.0),
+        tree_node("d", "", 4, -0.5, reward=0.0, path_first_error=1),
+    ]
+    from spo_cli.credit import estimated_credit, tree_credit_metrics, tree_paths
+
+    assert {leaf: [ep.id for ep in path] for leaf, path in tree_paths(nodes).items()} == {
+        "t-ab": ["t-a", "t-ab"], "t-ac": ["t-a", "t-ac"], "t-d": ["t-d"]
+    }  # fmt: skip
+    estimated = [ep for ep in nodes if ep.segments is not None]
+    # Path a-b: advantages [.5 .5 .5 -1 -1], error at 3: no blame before it (0 of 2), uniform 3/5; the most negative
+    # segment (b, tokens 3-5) holds it; span 2/5. Path d: [-.5] x 4, error at 1: 0.5 of 2.0 before it = 1/4,
+    # uniform 1/4; d holds it; span 1.
+    expected = {
+        "credit/wrong_responses": 2.0, "credit/blamed_share": 1.0, "credit/misplaced_blame": (0.0 + 0.25) / 2,
+        "credit/uniform_blame": (0.6 + 0.25) / 2, "credit/localization": 1.0, "credit/blamed_span": (0.4 + 1.0) / 2,
+    }  # fmt: skip
+    assert tree_credit_metrics(nodes, estimated) == pytest.approx(expected)
+    assert estimated_credit(nodes, estimated) == pytest.approx(expected)  # tree nodes in, path metrics out
+
+
+def test_tree_credit_without_known_first_errors_is_empty():
+    nodes = [tree_node("a", "", 3, 0.5), tree_node("ab", "a", 2, -1.0, reward=0.0)]
+    from spo_cli.credit import tree_credit_metrics
+
+    assert tree_credit_metrics(nodes, nodes) == {}
