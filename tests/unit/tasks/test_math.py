@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -123,13 +122,14 @@ def test_math500_reference_solutions_grade_correct(grader: math_task.MathGrader)
 def test_hung_item_is_killed_and_pool_recovers() -> None:
     # With math-verify's own limits off, 2^(2^30) vs 5 takes ~9 s of sympy work in the worker: only
     # the backstop stops it. Neighbours still get graded, by a fresh pool.
+    # What shows the backstop fired is the pool it killed, not the wall time (that depends on the machine's load:
+    # a CI run beside other work once took 6.3 s).
     with math_task.MathGrader(timeout_s=None, num_workers=2, backstop_s=1.0) as grader:
-        start = time.monotonic()
+        first_pool = grader._get_pool()
         responses = [r"\boxed{2}", r"\boxed{2^{2^{30}}}", r"\boxed{3}", r"\boxed{4}"]
         scores = grader.grade(responses, ["2", "5", "3", "5"])
-        elapsed = time.monotonic() - start
         assert scores == [1.0, 0.0, 1.0, 0.0]
-        assert elapsed < 6
+        assert grader._pool is not first_pool, "the hung item's pool must have been killed and replaced"
         assert grader.grade([r"\boxed{9}"], ["9"]) == [1.0]
 
 
@@ -137,6 +137,6 @@ def test_math_verify_time_limit_works_in_workers() -> None:
     # The same slow item under math-verify's own 1 s limit: it fails inside the worker (signal.alarm
     # works there), so the pool survives and the item behind it is graded normally.
     with math_task.MathGrader(timeout_s=1, num_workers=1, backstop_s=30) as grader:
-        start = time.monotonic()
+        pool = grader._get_pool()
         assert grader.grade([r"\boxed{2^{2^{30}}}", r"\boxed{5}"], ["5", "5"]) == [0.0, 1.0]
-        assert time.monotonic() - start < 6
+        assert grader._pool is pool, "math-verify's own limit stopped it, not the backstop (which kills the pool)"
