@@ -49,7 +49,8 @@ def evaluation_noise(warm: Path, seeds: int, samples: int) -> list[float]:
     from spo_cli.models import load_checkpoint
     from spo_cli.recipe import load_recipe
     from spo_cli.sample import build_sampler
-    from spo_cli.tasks import build_task, derive_seed
+    from spo_cli.tasks import build_task
+    from spo_cli.seeding import derive_seed
 
     recipe = load_recipe(ROOT / "recipes" / "tiny_arith_grpo.yaml", ["eval.greedy=false", f"eval.num_samples={samples}"])
     runtime = resolve_runtime(recipe.hardware)

@@ -45,9 +45,9 @@ def main() -> None:
     from spo_cli.partition import partition_episodes
     from spo_cli.recipe import load_recipe
     from spo_cli.sample.hf import HFSampler
-    from spo_cli.standalone import load_policy
+    from spo_cli.policy_loading import load_policy
     from spo_cli.tasks import build_task
-    from spo_cli.train import sample_episodes
+    from spo_cli.sample.episodes import sample_episodes
 
     overrides = [
         f"sampling.prompts_per_iteration={args.prompts}",

@@ -83,9 +83,10 @@ def main() -> None:
     from spo_cli.recipe import load_recipe
     from spo_cli.sample import sampling_params
     from spo_cli.sample.hf import HFSampler
-    from spo_cli.standalone import load_policy
+    from spo_cli.policy_loading import load_policy
     from spo_cli.tasks import build_task
-    from spo_cli.train import sample_episodes, sample_trees
+    from spo_cli.estimate.tree.method import sample_trees
+    from spo_cli.sample.episodes import sample_episodes
 
     common = [f"run.seed={args.seed}", f"sampling.prompts_per_iteration={args.prompts}", f"hardware.num_threads={args.threads}"]
     chain = load_recipe(

@@ -106,7 +106,7 @@ def sft(
     from spo_cli.hardware import resolve_runtime
     from spo_cli.tasks import build_task
     from spo_cli.rundir import run_directory
-    from spo_cli.train import set_offline_defaults, warm_started_policy
+    from spo_cli.policy_loading import set_offline_defaults, warm_started_policy
 
     set_offline_defaults(spec)
     runtime = resolve_runtime(spec.hardware)
@@ -145,6 +145,38 @@ def partition(
     typer.echo(f"wrote {count} episodes to {output}")
 
 
+# The options of `spo estimate-values --offline` (single-stream SPO's offline prompt values).
+OfflineOpt = Annotated[
+    bool,
+    typer.Option(
+        "--offline",
+        help="Single-stream SPO's offline prompt values instead: sample responses for every training prompt of the "
+        "recipe's task from --policy with the recipe's eval sampling settings and write {prompt: \\[score, ...]} to "
+        "--out. Resumable: finished shards in <out>.shards/ are kept (also after the merge) and skipped by a re-run.",
+    ),
+]
+SamplesPerPromptOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--samples-per-prompt",
+        help="--offline: responses per prompt; default estimator.offline_samples (single_stream), else 8.",
+        min=1,
+    ),
+]
+PromptsPerShardOpt = Annotated[
+    int | None,
+    typer.Option("--prompts-per-shard", help="--offline: prompts per shard, the unit a re-run resumes at; default 256.", min=1),
+]
+MaxScoresPerPromptOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-scores-per-prompt",
+        help="--offline: keep at most this many scores per prompt (a seeded random sample); default 8.",
+        min=1,
+    ),
+]
+
+
 @app.command("estimate-values")
 def estimate_values(
     recipe: RecipeArg,
@@ -171,42 +203,17 @@ def estimate_values(
         ),
     ] = None,
     iteration: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--iteration",
-            help="mc_tree on a prompt file: grow the trees with the seeds of this training iteration.",
+            help="mc_tree on a prompt file: grow the trees with the seeds of this training iteration; default 1.",
             min=0,
         ),
-    ] = 1,
-    offline: Annotated[
-        bool,
-        typer.Option(
-            "--offline",
-            help="Single-stream SPO's offline prompt values instead: sample responses for every training prompt of the "
-            "recipe's task from --policy with the recipe's eval sampling settings and write {prompt: \\[score, ...]} to "
-            "--out. Resumable: finished shards in <out>.shards/ are kept (also after the merge) and skipped by a re-run.",
-        ),
-    ] = False,
-    samples_per_prompt: Annotated[
-        int | None,
-        typer.Option(
-            "--samples-per-prompt",
-            help="--offline: responses per prompt; default estimator.offline_samples (single_stream), else 8.",
-            min=1,
-        ),
     ] = None,
-    prompts_per_shard: Annotated[
-        int | None,
-        typer.Option("--prompts-per-shard", help="--offline: prompts per shard, the unit a re-run resumes at; default 256.", min=1),
-    ] = None,
-    max_scores_per_prompt: Annotated[
-        int | None,
-        typer.Option(
-            "--max-scores-per-prompt",
-            help="--offline: keep at most this many scores per prompt (a seeded random sample); default 8.",
-            min=1,
-        ),
-    ] = None,
+    offline: OfflineOpt = False,
+    samples_per_prompt: SamplesPerPromptOpt = None,
+    prompts_per_shard: PromptsPerShardOpt = None,
+    max_scores_per_prompt: MaxScoresPerPromptOpt = None,
 ) -> None:
     """Fill segment advantages of saved, partitioned episodes with the recipe's estimator.
 
@@ -221,18 +228,12 @@ def estimate_values(
     reads. Shards of --prompts-per-shard prompts are saved in <out>.shards/ as they finish and are kept after the
     merge; a re-run with the same settings skips them, so a killed run resumes.
     """
-    offline_only = {"--samples-per-prompt": samples_per_prompt, "--prompts-per-shard": prompts_per_shard,
-                    "--max-scores-per-prompt": max_scores_per_prompt}  # fmt: skip
-    if offline:
-        if input is not None or critic is not None:
-            raise SpoUserError("--offline samples the recipe's training prompts with --policy: drop --in and --critic")
-    elif input is None:
-        raise SpoUserError("missing --in (the episodes or prompt file to read); or pass --offline for single-stream SPO's offline prompt values")
-    elif given := [name for name, value in offline_only.items() if value is not None]:
-        raise SpoUserError(f"{', '.join(given)}: only with --offline")
+    given = {"--in": input, "--critic": critic, "--iteration": iteration, "--samples-per-prompt": samples_per_prompt,
+             "--prompts-per-shard": prompts_per_shard, "--max-scores-per-prompt": max_scores_per_prompt}  # fmt: skip
+    _check_estimate_mode(offline, {name for name, value in given.items() if value is not None})
     spec = _load(recipe, overrides)
     if offline:
-        from spo_cli.standalone import offline_values_file
+        from spo_cli.estimate.single_stream.offline_values import offline_values_file
 
         values = offline_values_file(
             spec, output, policy, typer.echo, samples_per_prompt=samples_per_prompt,
@@ -242,39 +243,70 @@ def estimate_values(
         return
     from spo_cli.standalone import estimate_file
 
-    stats = estimate_file(spec, input, output, policy, typer.echo, critic, iteration)
+    stats = estimate_file(spec, input, output, policy, typer.echo, critic, 1 if iteration is None else iteration)
     typer.echo(f"wrote {int(stats.pop('episodes'))} episodes to {output}" + "".join(f"  {k} {v:g}" for k, v in stats.items()))
+
+
+# `spo estimate-values` has two modes; each flag belongs to one.
+ESTIMATE_MODE_FLAGS = {
+    "episodes": ("--in", "--critic", "--iteration"),
+    "--offline": ("--samples-per-prompt", "--prompts-per-shard", "--max-scores-per-prompt"),
+}
+
+
+def _check_estimate_mode(offline: bool, given: set[str]) -> None:
+    """Refuse a flag of the other mode of `spo estimate-values`, saying which mode takes it, and a missing --in."""
+    mode, other = ("--offline", "episodes") if offline else ("episodes", "--offline")
+    foreign = [flag for flag in ESTIMATE_MODE_FLAGS[other] if flag in given]
+    if foreign and offline:
+        raise SpoUserError(
+            f"{', '.join(foreign)}: only when estimating saved episodes (--in), not with --offline, which samples the "
+            "recipe's training prompts with --policy"
+        )
+    if foreign:
+        raise SpoUserError(f"{', '.join(foreign)}: only with --offline (single-stream SPO's offline prompt values)")
+    if mode == "episodes" and "--in" not in given:
+        raise SpoUserError(
+            "missing --in (the episodes or prompt file to read); or pass --offline for single-stream SPO's offline "
+            "prompt values"
+        )
+
+
+# The options of `spo eval` that need more than a line.
+ContextOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--context",
+        help="Generation budgets (new tokens), comma-separated: 2k,4k,32k or 4096. A budget over the model's context "
+        "is clipped to it, with a warning. Default: eval.max_completion_length, else sampling.max_completion_length.",
+    ),
+]
+DatasetsOpt = Annotated[
+    str,
+    typer.Option(
+        "--datasets",
+        help="Comma-separated: `task` (the recipe's held-out problems), gsm8k, math500, aime24, math, or NAME=PATH.jsonl "
+        "(a local file in that benchmark's format). Benchmarks come from --data-dir, else the Hugging Face Hub.",
+    ),
+]
+EvalCheckpointOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--checkpoint",
+        help="A model directory, a checkpoint (<run_dir>/checkpoints/iter_N) or a run directory (its latest "
+        "checkpoint); repeat it for a table with a column per checkpoint. Default: the recipe run's latest "
+        "checkpoint, else its warm start, else the recipe's model.",
+    ),
+]
 
 
 @app.command("eval")
 def eval_command(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
-    context: Annotated[
-        str | None,
-        typer.Option(
-            "--context",
-            help="Generation budgets (new tokens), comma-separated: 2k,4k,32k or 4096. A budget over the model's context "
-            "is clipped to it, with a warning. Default: eval.max_completion_length, else sampling.max_completion_length.",
-        ),
-    ] = None,
-    datasets: Annotated[
-        str,
-        typer.Option(
-            "--datasets",
-            help="Comma-separated: `task` (the recipe's held-out problems), gsm8k, math500, aime24, math, or NAME=PATH.jsonl "
-            "(a local file in that benchmark's format). Benchmarks come from --data-dir, else the Hugging Face Hub.",
-        ),
-    ] = "task",
-    checkpoint: Annotated[
-        list[Path] | None,
-        typer.Option(
-            "--checkpoint",
-            help="A model directory, a checkpoint (<run_dir>/checkpoints/iter_N) or a run directory (its latest "
-            "checkpoint); repeat it for a table with a column per checkpoint. Default: the recipe run's latest "
-            "checkpoint, else its warm start, else the recipe's model.",
-        ),
-    ] = None,
+    context: ContextOpt = None,
+    datasets: DatasetsOpt = "task",
+    checkpoint: EvalCheckpointOpt = None,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Completions per problem (K): reports avg@K, pass@K, maj@K.")] = 1,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature (open-r1's long-CoT default).")] = 0.6,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling (open-r1's long-CoT default).")] = 0.95,
@@ -312,7 +344,7 @@ def eval_command(
         raise SpoUserError(f"--context: {exc}") from None
     from spo_cli.evaluate.benchmarks import build_eval_sets
     from spo_cli.evaluate.runner import EvalSettings, evaluate_checkpoints, print_table, resolve_checkpoints
-    from spo_cli.train import set_offline_defaults
+    from spo_cli.policy_loading import set_offline_defaults
 
     checkpoints = resolve_checkpoints(spec, checkpoint or [])
     settings = EvalSettings(

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
-
-if TYPE_CHECKING:
-    from spo_cli.sample import Completion, Sampler, SamplingParams
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -123,39 +120,3 @@ def current_cluster() -> Cluster:
     if not (dist.is_available() and dist.is_initialized()):
         return LOCAL
     return Cluster(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-class ShardedSampler:
-    """A sampler whose calls are split between the processes and gathered: each process generates its share of the
-    requests (split at multiples of the backend's `shard_unit`, so every request draws the same randomness as in a
-    one-process call) and every process returns all completions, in order."""
-
-    def __init__(self, inner: Sampler, cluster: Cluster):
-        self.inner = inner
-        self.cluster = cluster
-
-    def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
-        return self.inner.encode_prompts(prompts)
-
-    def shard_unit(self, params: SamplingParams) -> int:
-        return self.inner.shard_unit(params)
-
-    def generate(
-        self, prompts: Sequence[str], params: SamplingParams, seed: int, offset: int = 0
-    ) -> list[list[Completion]]:
-        return self.generate_ids(self.encode_prompts(prompts), params, seed, offset)
-
-    def generate_ids(
-        self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int, offset: int = 0
-    ) -> list[list[Completion]]:
-        if offset % self.inner.shard_unit(params):
-            raise ValueError("a sharded call must start at a multiple of the sampler's shard unit")
-        start, end = self.cluster.bounds(len(prompt_ids), self.inner.shard_unit(params))
-        local = self.inner.generate_ids(prompt_ids[start:end], params, seed, offset + start) if end > start else []
-        return self.cluster.gather(local)
-
-    def sync_weights(self) -> None:
-        self.inner.sync_weights()
-
-    def sleep(self) -> None:
-        self.inner.sleep()

@@ -58,3 +58,9 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def iteration_seconds(run_dir: Path, through: int) -> float:
+    """Time the logged iterations up to `through` used (what `train.time_budget_s` counts)."""
+    records = read_records(run_dir / "metrics.jsonl")
+    return sum(r.get("time/iteration_s", 0.0) for r in records if r.get("iteration", 0) <= through)

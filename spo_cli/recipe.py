@@ -579,21 +579,41 @@ PartitionerSpec = kind_union(Whole, Cutpoint, FixedCount, FixedTokens, Step, Ent
 # ---------------------------------------------------------------------------------------- estimator
 
 
-class Group(Section):
+class EstimatorSection(Section):
+    """An estimator's recipe section. `check_recipe` holds what the estimator requires of the rest of the recipe."""
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        """Raise ValueError (the recipe's validation error) if `recipe`'s other sections cannot run this estimator."""
+
+
+def _needs_groups(kind: str, recipe: Recipe) -> None:
+    if recipe.sampling.num_generations < 2:
+        raise ValueError(
+            f"estimator.kind={kind} needs sampling.num_generations >= 2 (a group of one has no baseline)"
+        )
+
+
+class Group(EstimatorSection):
     """GRPO: (r - mean) / (std + eps) within each prompt's group, std the population std."""
 
     kind: Literal["group"] = "group"
     scale_by_std: bool = Field(True, description="Divide by the group's population std (false: Dr. GRPO).")
     eps: float = Field(1e-8, gt=0, description="Added to the std before dividing.")
 
+    def check_recipe(self, recipe: Recipe) -> None:
+        _needs_groups(self.kind, recipe)
 
-class Rloo(Section):
+
+class Rloo(EstimatorSection):
     """RLOO: r minus the mean reward of the other responses to the same prompt (leave-one-out), unscaled."""
 
     kind: Literal["rloo"] = "rloo"
 
+    def check_recipe(self, recipe: Recipe) -> None:
+        _needs_groups(self.kind, recipe)
 
-class McChain(Section):
+
+class McChain(EstimatorSection):
     """SPO-chain: Monte Carlo value of the state before each segment, advantage V(after) - V(before)."""
 
     kind: Literal["mc_chain"] = "mc_chain"
@@ -617,7 +637,7 @@ class McChain(Section):
     )
 
 
-class Vineppo(Section):
+class Vineppo(EstimatorSection):
     """VinePPO: Monte Carlo value at the prompt and after each step, advantage r_k + V(after step) - V(before step)."""
 
     kind: Literal["vineppo"] = "vineppo"
@@ -658,7 +678,7 @@ class TreeReplay(Section):
     )
 
 
-class McTree(Section):
+class McTree(EstimatorSection):
     """SPO-tree: a tree of fixed-length segments per prompt; V(node) = mean of its children, A = V(child) - V(parent).
 
     The tree is also the iteration's sampling: `sampling.num_generations` is not used, each edge with a non-zero
@@ -698,6 +718,18 @@ class McTree(Section):
                 raise ValueError(f"branching {_excerpt(self.branching)} gives over {MAX_BATCH} leaves per tree")
         return self
 
+    def check_recipe(self, recipe: Recipe) -> None:
+        if not isinstance(recipe.partitioner, Whole):
+            raise ValueError(
+                "estimator.kind=mc_tree: the tree's levels are its segments (every edge is one episode); "
+                "set partitioner.kind: whole"
+            )
+        if recipe.train.episodes_per_iteration is None:
+            raise ValueError(
+                "estimator.kind=mc_tree yields a varying number of edges per iteration: set "
+                "train.episodes_per_iteration (the reference: 1024 for GSM8K 6-6-6, 512 for MATH)"
+            )
+
 
 class Critic(Section):
     """A value network: a transformer backbone with a linear value head, trained with a clipped value loss."""
@@ -716,7 +748,7 @@ class Critic(Section):
     )
 
 
-class Gae(Section):
+class Gae(EstimatorSection):
     """PPO with a critic: token-level GAE from a value network's estimates, the outcome reward on the last token."""
 
     kind: Literal["gae"] = "gae"
@@ -743,7 +775,7 @@ class PromptSampling(Section):
     )
 
 
-class SingleStream(Section):
+class SingleStream(EstimatorSection):
     """Single-stream SPO: one response per prompt, baseline = a per-prompt Beta tracker with KL-adaptive forgetting,
     advantages normalised over the whole batch."""
 
@@ -795,8 +827,17 @@ class SingleStream(Section):
             raise ValueError(f"rho_min ({self.rho_min}) must not exceed rho_max ({self.rho_max})")
         return self
 
+    def check_recipe(self, recipe: Recipe) -> None:
+        if isinstance(recipe.task, Arith) and recipe.task.train_pool_size is None:
+            raise ValueError(
+                "estimator.kind=single_stream tracks a value per training prompt: set task.train_pool_size "
+                "(the arith task otherwise draws fresh problems every iteration)"
+            )
+        if recipe.train.episodes_per_iteration is not None:
+            raise ValueError("estimator.kind=single_stream trains on the batch it samples: unset train.episodes_per_iteration")
 
-class SegmentGae(Section):
+
+class SegmentGae(EstimatorSection):
     """Value-network segment SPO: per-segment GAE from a critic's values at segment starts
     (docs/algorithms.md#segment-gae).
 
@@ -823,10 +864,17 @@ class SegmentGae(Section):
     )
     eps: float = Field(1e-8, gt=0, description="Added to the variance (whitening) and the std (fallback).")
 
+    def check_recipe(self, recipe: Recipe) -> None:
+        if self.critic is None and recipe.sampling.num_generations < 2:
+            raise ValueError(
+                "estimator.kind=segment_gae without a critic falls back to group-mean baselines: it needs "
+                "sampling.num_generations >= 2"
+            )
 
-EstimatorSpec = kind_union(
-    Group, Rloo, McChain, Vineppo, McTree, Gae, SingleStream, SegmentGae, default="group"
-)
+
+# The built-in estimators; `add_estimator_spec` appends a registered one (spo_cli.estimate.registry).
+_ESTIMATOR_SPECS: list[type[EstimatorSection]] = [Group, Rloo, McChain, Vineppo, McTree, Gae, SingleStream, SegmentGae]
+EstimatorSpec = kind_union(*_ESTIMATOR_SPECS, default="group")
 
 
 # --------------------------------------------------------------------------------------------- loss
@@ -884,8 +932,10 @@ class Optim(Section):
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
     adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    lr_scheduler_type: Literal["constant", "linear", "cosine"] = Field(
-        "linear", description="After warmup: constant, linear decay to 0, or cosine decay to 0."
+    lr_scheduler_type: Literal["constant", "linear", "cosine", "warmup_decay"] = Field(
+        "linear",
+        description="After a linear warmup: constant, linear decay to 0, or cosine decay to 0; or warmup_decay, "
+        "DeepSpeed's WarmupDecayLR as the SPO reference uses it (logarithmic warmup, then linear decay to 0).",
     )
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="Fraction of all optimizer steps with linear warmup from 0.")
     warmup_steps: int | None = Field(None, ge=0, le=MAX_COUNT, description="Warmup steps; overrides warmup_ratio.")
@@ -1125,35 +1175,7 @@ class Recipe(Section):
                     )
         if isinstance(self.warm_start, Sft) and self.warm_start.load_from is not None:
             self._check_warm_start_matches(self.warm_start.load_from)
-        if isinstance(self.estimator, Group | Rloo) and self.sampling.num_generations < 2:
-            raise ValueError(
-                f"estimator.kind={self.estimator.kind} needs sampling.num_generations >= 2 (a group of one has no "
-                "baseline)"
-            )
-        if isinstance(self.estimator, SegmentGae) and self.estimator.critic is None and self.sampling.num_generations < 2:
-            raise ValueError(
-                "estimator.kind=segment_gae without a critic falls back to group-mean baselines: it needs "
-                "sampling.num_generations >= 2"
-            )
-        if isinstance(self.estimator, SingleStream):
-            if isinstance(self.task, Arith) and self.task.train_pool_size is None:
-                raise ValueError(
-                    "estimator.kind=single_stream tracks a value per training prompt: set task.train_pool_size "
-                    "(the arith task otherwise draws fresh problems every iteration)"
-                )
-            if self.train.episodes_per_iteration is not None:
-                raise ValueError("estimator.kind=single_stream trains on the batch it samples: unset train.episodes_per_iteration")
-        if isinstance(self.estimator, McTree):
-            if not isinstance(self.partitioner, Whole):
-                raise ValueError(
-                    "estimator.kind=mc_tree: the tree's levels are its segments (every edge is one episode); "
-                    "set partitioner.kind: whole"
-                )
-            if self.train.episodes_per_iteration is None:
-                raise ValueError(
-                    "estimator.kind=mc_tree yields a varying number of edges per iteration: set "
-                    "train.episodes_per_iteration (the reference: 1024 for GSM8K 6-6-6, 512 for MATH)"
-                )
+        self.estimator.check_recipe(self)
         return self
 
     def _check_warm_start_matches(self, load_from: str) -> None:
@@ -1382,6 +1404,31 @@ def _union_tags() -> set[str]:
 
 
 _UNION_TAGS = _union_tags()
+
+
+def add_estimator_spec(spec: type[EstimatorSection]) -> None:
+    """Let recipes name a new estimator (called by `spo_cli.estimate.registry.register_estimator`): its spec joins
+    the `estimator` union and the recipe model is rebuilt over it, so validation, error messages and
+    `spo recipe schema` know its kind."""
+    from pydantic.fields import FieldInfo
+
+    if spec in _ESTIMATOR_SPECS:
+        return
+    if not issubclass(spec, EstimatorSection) or "kind" not in spec.model_fields:
+        raise TypeError(f"{spec.__name__}: an estimator spec is an EstimatorSection with a `kind` literal field")
+    kind = spec.model_fields["kind"].default
+    if kind in {s.model_fields["kind"].default for s in _ESTIMATOR_SPECS}:
+        raise ValueError(f"estimator kind {kind!r} is already taken")
+    _ESTIMATOR_SPECS.append(spec)
+    current = Recipe.model_fields["estimator"]
+    union = kind_union(*_ESTIMATOR_SPECS, default="group")
+    # Pydantic builds a model's validator from its fields once; replacing the field and rebuilding is how a
+    # discriminated union grows after the class exists.
+    Recipe.__pydantic_fields__["estimator"] = FieldInfo.from_annotated_attribute(
+        union, Field(default_factory=Group, description=current.description)
+    )
+    Recipe.model_rebuild(force=True)
+    _UNION_TAGS.add(kind)
 _DEEPSPEED_TAGS = {"settings", "config_file", "off"}
 
 

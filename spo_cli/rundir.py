@@ -93,6 +93,14 @@ def _check_resume_world(recipe: Recipe, run_dir: Path) -> None:
         raise SpoUserError(world_mismatch(ckpt, saved, asked))
 
 
+def check_resume_world(state: dict, ckpt: Path, cluster: Cluster, accelerator) -> None:
+    """Inside a run: DeepSpeed's optimizer shards load only into the number of processes that wrote them (the
+    launcher checks `hardware.num_processes` before it starts; a run started some other way meets this)."""
+    saved = int(state.get("world_size", 1))
+    if accelerator is not None and accelerator.state.deepspeed_plugin is not None and saved != cluster.world_size:
+        raise SpoUserError(world_mismatch(ckpt, saved, cluster.world_size))
+
+
 def world_mismatch(ckpt: Path, saved: int, asked: int) -> str:
     """Why a DeepSpeed checkpoint cannot resume in another number of processes, and what to do instead."""
     return (

@@ -12,7 +12,8 @@ from spo_cli.hardware import Runtime
 from spo_cli.optimize.schedule import build_scheduler
 from spo_cli.policy import collate, forward_logprobs
 from spo_cli.recipe import Sft
-from spo_cli.tasks import Task, apply_template, derive_seed
+from spo_cli.tasks import Task, apply_template
+from spo_cli.seeding import derive_seed
 
 
 def encode_examples(tokenizer, task: Task, problems) -> tuple[list[list[int]], list[list[int]]]:

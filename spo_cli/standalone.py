@@ -13,22 +13,16 @@ from pathlib import Path
 from spo_cli.credit import estimated_credit
 from spo_cli.episode import Episode, iter_jsonl, model_fit_problem, read_numbered_episodes, write_episodes
 from spo_cli.errors import SpoUserError
+from spo_cli.estimate import estimate_advantages, needs_critic, needs_policy
+from spo_cli.estimate.critic.model import episode_values, load_critic
+from spo_cli.estimate.rollout import build_state_values
+from spo_cli.estimate.tree.growth import grow_trees
+from spo_cli.partition import partition_episodes
+from spo_cli.policy import score_responses
+from spo_cli.policy_loading import command_runtime, load_policy
 from spo_cli.recipe import Entropy, McTree, Recipe, Step, Whole
-
-
-def load_policy(recipe: Recipe, policy_dir: Path | None, runtime):
-    """(model, tokenizer): the checkpoint in `policy_dir` (HF format), else the recipe's model."""
-    from spo_cli.models import load_checkpoint
-    from spo_cli.train import initial_policy
-
-    if policy_dir is not None:
-        if not (policy_dir / "config.json").is_file():
-            raise SpoUserError(f"--policy {policy_dir}: not a Hugging Face model directory (no config.json)")
-        model, tokenizer = load_checkpoint(policy_dir)
-    else:
-        policy = initial_policy(recipe)
-        model, tokenizer = policy.model, policy.tokenizer
-    return model.to(runtime.device).eval(), tokenizer
+from spo_cli.sample import build_sampler, sampling_params
+from spo_cli.tasks import apply_template, build_task
 
 
 def check_episodes_fit(numbered: list[tuple[int, Episode]], path: Path, model, what: str) -> None:
@@ -43,8 +37,6 @@ def check_episodes_fit(numbered: list[tuple[int, Episode]], path: Path, model, w
 
 
 def partition_file(recipe: Recipe, input_path: Path, output_path: Path, policy_dir: Path | None, log: Callable[[str], None]) -> int:
-    from spo_cli.partition import partition_episodes
-
     numbered = read_numbered_episodes(input_path)
     episodes = [ep for _, ep in numbered]
     spec = recipe.partitioner
@@ -56,7 +48,7 @@ def partition_file(recipe: Recipe, input_path: Path, output_path: Path, policy_d
     ]
     tokenizer = None
     if unscored or isinstance(spec, Step):
-        runtime = _runtime(recipe)
+        runtime = command_runtime(recipe)
         model, tokenizer = load_policy(recipe, policy_dir, runtime)
         check_episodes_fit(numbered, input_path, model, str(policy_dir or "the recipe model"))
         if unscored:
@@ -79,8 +71,6 @@ def estimate_file(
     critic_dir: Path | None = None,
     iteration: int = 1,
 ) -> dict[str, float]:
-    from spo_cli.estimate import estimate_advantages, needs_critic, needs_policy
-
     if isinstance(recipe.estimator, McTree) and is_prompt_file(input_path):
         return grow_trees_file(recipe, input_path, output_path, policy_dir, iteration, log)
     numbered = read_numbered_episodes(input_path)
@@ -95,11 +85,7 @@ def estimate_file(
         )
     try:
         if needs_policy(recipe.estimator):
-            from spo_cli.estimate.rollout import build_state_values
-            from spo_cli.sample import build_sampler
-            from spo_cli.tasks import build_task
-
-            runtime = _runtime(recipe)
+            runtime = command_runtime(recipe)
             model, tokenizer = load_policy(recipe, policy_dir, runtime)
             check_episodes_fit(numbered, input_path, model, str(policy_dir or "the recipe model"))
             log(f"rolling out with {policy_dir or 'the recipe model'}")
@@ -127,15 +113,13 @@ def _critic_values(
 ):
     """The values of a run's saved critic. There is no default: gae's (and segment_gae's) advantages are only
     those of the loop with the critic's weights at that iteration, which only the run has."""
-    from spo_cli.critic import episode_values, load_critic
-
     if critic_dir is None:
         raise SpoUserError(
             f"estimator.kind={recipe.estimator.kind} reads a trained value network: "
             "pass --critic <run_dir>/checkpoints/iter_N/critic, "
             "the critic of the checkpoint before the episodes' iteration (N = iteration - 1)"
         )
-    runtime = _runtime(recipe)
+    runtime = command_runtime(recipe)
     critic = load_critic(critic_dir, recipe.estimator.critic, recipe.optim, device=runtime.device)
     check_episodes_fit(numbered, input_path, critic.model.backbone, f"the critic in {critic_dir}")
     log(f"valuing states with the critic in {critic_dir}")
@@ -149,18 +133,8 @@ def _critic_values(
     )
 
 
-def _runtime(recipe: Recipe):
-    from spo_cli.hardware import resolve_runtime
-    from spo_cli.train import set_offline_defaults
-
-    set_offline_defaults(recipe)
-    return resolve_runtime(recipe.hardware)
-
-
 def _score(episodes: list[Episode], indices: list[int], model, tokenizer, recipe: Recipe, runtime) -> list[Episode]:
     """Fill missing log-probs (and entropies) with one batched forward pass at the sampling temperature."""
-    from spo_cli.policy import score_responses
-
     logprobs, entropies = score_responses(
         model,
         [episodes[i].prompt_token_ids for i in indices],
@@ -217,14 +191,8 @@ def grow_trees_file(
     The trees are grown exactly as `spo train` grows them in iteration `iteration` (same seeds), so the same
     prompts in the same order and the same policy give the same edges.
     """
-    from spo_cli.estimate import estimate_advantages
-    from spo_cli.estimate.mc_tree import grow_trees
-    from spo_cli.partition import partition_episodes
-    from spo_cli.sample import build_sampler, sampling_params
-    from spo_cli.tasks import apply_template, build_task
-
     rows = read_prompt_file(input_path)
-    runtime = _runtime(recipe)
+    runtime = command_runtime(recipe)
     model, tokenizer = load_policy(recipe, policy_dir, runtime)
     task = build_task(recipe.task, recipe.sampling.prompts_per_iteration)
     try:
@@ -247,53 +215,3 @@ def grow_trees_file(
         task.close()
     write_episodes(output_path, edges)
     return {"episodes": float(len(edges)), **grow_stats, **stats}
-
-
-def offline_values_file(
-    recipe: Recipe,
-    output_path: Path,
-    policy_dir: Path | None,
-    log: Callable[[str], None],
-    *,
-    samples_per_prompt: int | None = None,
-    prompts_per_shard: int | None = None,
-    max_scores_per_prompt: int | None = None,
-) -> dict[str, list[float]]:
-    """`spo estimate-values --offline`: the offline prompt values of single-stream SPO, sampled from --policy
-    (or the recipe's model) into `output_path`, resuming from the shards a killed run left."""
-    from spo_cli import offline_values as ov
-    from spo_cli.recipe import Sft
-    from spo_cli.sample import build_sampler
-    from spo_cli.tasks import build_task
-
-    if isinstance(recipe.warm_start, Sft) and policy_dir is None:
-        raise SpoUserError(
-            "warm_start.kind is sft: the offline values must come from the policy RL starts from, not the recipe's "
-            "base model; pass --policy <run_dir>/warm_start (after `spo sft`), or leave estimator.offline_values "
-            "unset and let `spo train` estimate them"
-        )
-    from spo_cli.train import set_offline_defaults
-
-    set_offline_defaults(recipe)  # before build_task, which may read a hub dataset
-    task = build_task(recipe.task, recipe.sampling.prompts_per_iteration)
-    try:
-        ov.require_train_pool(task)  # before the slow model load
-        runtime = _runtime(recipe)
-        model, tokenizer = load_policy(recipe, policy_dir, runtime)
-        log(f"sampling offline values with {policy_dir or 'the recipe model'}")
-        sampler = build_sampler(recipe.sampling, model, tokenizer, runtime)
-        return ov.estimate_offline_values(
-            recipe,
-            task,
-            sampler,
-            tokenizer,
-            output_path,
-            samples_per_prompt=samples_per_prompt,
-            prompts_per_shard=prompts_per_shard or ov.DEFAULT_PROMPTS_PER_SHARD,
-            max_scores_per_prompt=max_scores_per_prompt or ov.DEFAULT_MAX_SCORES_PER_PROMPT,
-            policy_label=ov.policy_identity(recipe, policy_dir),
-            max_context=getattr(model.config, "max_position_embeddings", None),
-            log=log,
-        )
-    finally:
-        task.close()

@@ -2,7 +2,7 @@
 
 `gae_advantages` is the math over a generic sequence of steps (response tokens here; segments for a
 per-segment GAE later). `estimate_gae` applies it per token to episodes whose critic values were computed
-by the caller (`spo_cli.critic`), so this module needs neither torch nor a model.
+by the caller (`spo_cli.estimate.critic.model`), so this module needs neither torch nor a model.
 """
 
 from __future__ import annotations

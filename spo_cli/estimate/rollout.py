@@ -6,8 +6,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from spo_cli.estimate.mc_chain import ValueState
-from spo_cli.sample import Sampler, SamplingParams
-from spo_cli.tasks import Task, derive_seed
+from spo_cli.sample import Sampler, SamplingParams, sampling_params
+from spo_cli.tasks import Task
+from spo_cli.seeding import derive_seed
 
 
 @dataclass
@@ -52,19 +53,13 @@ class MonteCarloValues:
         return [t / c if c else 0.0 for t, c in zip(totals, counts)]
 
 
-def build_state_values(
-    recipe, sampler: Sampler, tokenizer, task: Task, max_context: int | None
-) -> MonteCarloValues | None:
-    """The recipe's Monte Carlo value callable, or None when its estimator samples no rollouts.
+def build_state_values(recipe, sampler: Sampler, tokenizer, task: Task, max_context: int | None) -> MonteCarloValues:
+    """The Monte Carlo value callable of a recipe whose estimator samples rollouts (its spec has `rollouts`,
+    `max_new_tokens` and `unfinished_penalty`: mc_chain, vineppo).
 
     `max_context` is the model's context, used unless the recipe sets sampling.max_context_length.
     """
-    from spo_cli.recipe import McChain, Vineppo
-    from spo_cli.sample import sampling_params
-
     spec = recipe.estimator
-    if not isinstance(spec, (McChain, Vineppo)):
-        return None
     params = replace(
         sampling_params(recipe.sampling, task.stop, max_context),
         n=spec.rollouts,

@@ -8,7 +8,7 @@ of segment k gets A_k. Without a critic the estimator falls back to a group-mean
 
 The math is `gae_advantages` (shared with token-level PPO) applied to segments, plus the token whitening
 of D6. Like the rest of the estimate stage this module needs neither torch nor a model: the critic's values
-come from the caller (`spo_cli.critic.episode_values`).
+come from the caller (`spo_cli.estimate.critic.model.episode_values`).
 """
 
 from __future__ import annotations

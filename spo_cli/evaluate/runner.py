@@ -177,7 +177,7 @@ class _Engine:
             self.log(f"{self.ref.label}: loading {self.ref.path}")
             model, tokenizer = load_checkpoint(self.ref.path)
         else:
-            from spo_cli.train import initial_policy
+            from spo_cli.policy_loading import initial_policy
 
             self.log(f"{self.ref.label}: the recipe's model, untrained")
             policy = initial_policy(self.recipe)
@@ -205,8 +205,7 @@ def _evaluate_unit(
     log: Callable[[str], None],
     overwrite: bool,
 ) -> dict[str, Any]:
-    from spo_cli.sample import SamplingParams
-    from spo_cli.tasks import apply_template, derive_seed
+    from spo_cli.tasks import apply_template
 
     completions_path = unit.with_suffix(".jsonl")
     result_path = unit.with_suffix(".json")
@@ -227,39 +226,7 @@ def _evaluate_unit(
     records = _finished_records(completions_path, settings, prompts, [p.gold for p in problems])
     done = len(records) // settings.samples
     if done < len(problems):
-        engine.load()
-        max_new = budget
-        if engine.model_context is not None and budget > engine.model_context:
-            log(
-                f"warning: context {context_label(budget)} ({budget} tokens) is longer than the model's context of "
-                f"{engine.model_context} tokens: generating at most {engine.model_context}"
-            )
-            max_new = engine.model_context
-        params = SamplingParams(
-            n=settings.samples,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            max_new_tokens=max_new,
-            max_total_tokens=engine.model_context,
-            stop=tuple(identity["stop"]),
-            logprobs=False,
-        )
-        atomic_write_json(settings_path, {**identity, "max_new_tokens": max_new, "problems": len(problems)})
-        prompt_lengths = [len(ids) for ids in engine.sampler.encode_prompts(prompts[done:])]
-        lengths = dict(zip(range(done, len(problems)), prompt_lengths))
-        log(
-            f"{ref.label}: {eval_set.name} at {context_label(budget)}: "
-            + (f"resuming at problem {done + 1} of {len(problems)}" if done else f"{len(problems)} problems")
-        )
-        for start in range(done, len(problems), settings.chunk_size):
-            indices = range(start, min(start + settings.chunk_size, len(problems)))
-            fits = [i for i in indices if engine.model_context is None or lengths[i] < engine.model_context]
-            seed = derive_seed(settings.seed, "eval", eval_set.name, start)
-            groups = engine.sampler.generate([prompts[i] for i in fits], params, seed=seed) if fits else []
-            by_index = dict(zip(fits, groups))
-            chunk = _graded_records(eval_set, problems, prompts, indices, by_index, settings.samples)
-            _append_records(completions_path, chunk)
-            records.extend(chunk)
+        records.extend(_sample_rest(engine, ref, eval_set, budget, settings, prompts, identity, done, unit, log))
     metrics = _metrics(records, settings.samples)
     saved = _read_settings(settings_path)
     result = {
@@ -276,6 +243,54 @@ def _evaluate_unit(
     }
     atomic_write_json(result_path, result)
     return result
+
+
+def _sample_rest(
+    engine: _Engine, ref: CheckpointRef, eval_set: EvalSet, budget: int, settings: EvalSettings, prompts: list[str],
+    identity: dict[str, Any], done: int, unit: Path, log: Callable[[str], None],
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Sample and grade the problems after the first `done`, chunk by chunk, each chunk appended to the unit's
+    completions as it finishes (where an interrupted eval resumes); returns the new records."""
+    from spo_cli.sample import SamplingParams
+    from spo_cli.seeding import derive_seed
+
+    problems = eval_set.problems
+    completions_path, settings_path = unit.with_suffix(".jsonl"), unit.with_suffix(".settings.json")
+    sampled: list[dict[str, Any]] = []
+    engine.load()
+    max_new = budget
+    if engine.model_context is not None and budget > engine.model_context:
+        log(
+            f"warning: context {context_label(budget)} ({budget} tokens) is longer than the model's context of "
+            f"{engine.model_context} tokens: generating at most {engine.model_context}"
+        )
+        max_new = engine.model_context
+    params = SamplingParams(
+        n=settings.samples,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        max_new_tokens=max_new,
+        max_total_tokens=engine.model_context,
+        stop=tuple(identity["stop"]),
+        logprobs=False,
+    )
+    atomic_write_json(settings_path, {**identity, "max_new_tokens": max_new, "problems": len(problems)})
+    prompt_lengths = [len(ids) for ids in engine.sampler.encode_prompts(prompts[done:])]
+    lengths = dict(zip(range(done, len(problems)), prompt_lengths))
+    log(
+        f"{ref.label}: {eval_set.name} at {context_label(budget)}: "
+        + (f"resuming at problem {done + 1} of {len(problems)}" if done else f"{len(problems)} problems")
+    )
+    for start in range(done, len(problems), settings.chunk_size):
+        indices = range(start, min(start + settings.chunk_size, len(problems)))
+        fits = [i for i in indices if engine.model_context is None or lengths[i] < engine.model_context]
+        seed = derive_seed(settings.seed, "eval", eval_set.name, start)
+        groups = engine.sampler.generate([prompts[i] for i in fits], params, seed=seed) if fits else []
+        by_index = dict(zip(fits, groups))
+        chunk = _graded_records(eval_set, problems, prompts, indices, by_index, settings.samples)
+        _append_records(completions_path, chunk)
+        sampled.extend(chunk)
+    return sampled
 
 
 def _read_settings(path: Path) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from torch import Tensor
 __all__ = [
     "LossInputs",
     "LossOutputs",
-    "clipped_value_loss",
+    "loss_denominator",
     "masked_whiten",
     "ppo_clip_loss",
     "token_entropy",
@@ -68,7 +68,9 @@ class LossOutputs:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _denominator(count: float, normalizer: float | None, what: str) -> float:
+def loss_denominator(count: float, normalizer: float | None, what: str) -> float:
+    """What a summed loss over `count` masked items is divided by: `normalizer` (a whole mini-batch's count when
+    micro-batches accumulate), else `count`; 1 for an empty micro-batch."""
     if normalizer is None:
         # An empty micro-batch has a zero numerator; dividing by 1 keeps the loss at an
         # exact, differentiable 0 where the reference produced 0/0 = NaN.
@@ -106,25 +108,9 @@ def ppo_clip_loss(
         pg    = min(pg, -A * clip_ratio_c)   where A < 0, with the dual clip (clip_ratio_c given)
         k3    = exp(d) - d - 1,  d = clamp(ref_logprobs - logprobs, -10, 10)
 
-    Aggregation of ``pg`` over masked tokens:
-
-    * ``"token_mean"``: ``sum(m * pg) / normalizer``; ``normalizer`` defaults to ``sum(m)``.
-      Pass the masked-token count of the whole mini-batch when accumulating gradients over
-      micro-batches to get a global token mean.
-    * ``"seq_mean_token_mean"``: per-row token mean, summed over rows with at least one masked
-      token and divided by ``normalizer``, which defaults to the number of such rows.
-
-    Aggregation of ``k3`` over masked tokens (``beta > 0``, or for the metric whenever
-    ``ref_logprobs`` is given):
-
-    * ``"token_mean"``: ``sum(m * k3)`` divided by the same denominator as ``pg`` under
-      ``loss_agg="token_mean"``; under ``"seq_mean_token_mean"`` by ``sum(m)`` (the
-      ``normalizer`` then counts rows, not tokens).
-    * ``"seq_sum"``: per-sequence sum, averaged over all ``B`` sequences (the reference's;
-      docs/algorithms.md#kl-term), or divided by ``kl_normalizer`` when given (the sequence count
-      of a whole mini-batch, for gradient accumulation); ``normalizer`` does not apply.
-
-    ``loss = policy_loss + beta * kl``. A micro-batch with no masked token gives ``loss == 0``
+    ``pg`` is aggregated over masked tokens by `aggregate_policy_loss` (``loss_agg``, ``normalizer``), ``k3`` by
+    `aggregate_kl` (``kl_agg``, ``kl_normalizer``; when ``beta > 0``, or for the metric whenever ``ref_logprobs``
+    is given). ``loss = policy_loss + beta * kl``. A micro-batch with no masked token gives ``loss == 0``
     that still backpropagates (zero gradients), unlike the reference's NaN. The reference's
     high-ratio skip (zero the loss when ``metrics["ratio_mean"] > 10``) is left to the caller.
 
@@ -154,6 +140,27 @@ def ppo_clip_loss(
         ValueError: on shape mismatches, unknown aggregation modes, negative clip ranges or
             ``beta``, ``beta > 0`` without ``ref_logprobs``, or an invalid ``normalizer``.
     """
+    _check_loss_inputs(inputs, epsilon_low, epsilon_high, beta, loss_agg, kl_agg, clip_ratio_c)
+    keep = inputs.mask != 0
+    if prob_mask_rho is not None:
+        # Compared in old_logprobs' own dtype, like the reference: exp(float32(log 0.9)) is
+        # float32(0.9), so a token at exactly rho is excluded.
+        keep = keep & (torch.exp(inputs.old_logprobs.detach()) < prob_mask_rho)
+    logp = inputs.logprobs.float()
+    terms = clipped_token_losses(logp, inputs, keep, epsilon_low, epsilon_high, log_ratio_clamp, clip_ratio_c)
+    policy_loss, num_tokens, token_denom = aggregate_policy_loss(terms.pg, keep, loss_agg, normalizer)
+    kl = logp.new_zeros(())
+    if inputs.ref_logprobs is not None:
+        kl = aggregate_kl(inputs.ref_logprobs, logp, keep, kl_agg, token_denom, kl_normalizer)
+    loss = policy_loss + beta * kl if beta > 0 else policy_loss
+    metrics = _loss_metrics(terms, keep, inputs.mask != 0, num_tokens, kl, policy_loss, loss, epsilon_low, epsilon_high)
+    return LossOutputs(loss=loss, policy_loss=policy_loss.detach(), kl=kl.detach(), metrics=metrics)
+
+
+def _check_loss_inputs(
+    inputs: LossInputs, epsilon_low: float, epsilon_high: float, beta: float, loss_agg: str, kl_agg: str,
+    clip_ratio_c: float | None,
+) -> None:  # fmt: skip
     tensors = {
         "logprobs": inputs.logprobs,
         "old_logprobs": inputs.old_logprobs,
@@ -182,18 +189,27 @@ def ppo_clip_loss(
     if beta > 0 and inputs.ref_logprobs is None:
         raise ValueError("beta > 0 needs ref_logprobs")
 
-    response = inputs.mask != 0
-    keep = response
-    if prob_mask_rho is not None:
-        # Compared in old_logprobs' own dtype, like the reference: exp(float32(log 0.9)) is
-        # float32(0.9), so a token at exactly rho is excluded.
-        keep = keep & (torch.exp(inputs.old_logprobs.detach()) < prob_mask_rho)
 
-    logp = inputs.logprobs.float()
+@dataclass
+class TokenTerms:
+    """Per-token pieces of the clipped surrogate, all ``[B, T]`` (``dual_clipped`` None without the dual clip)."""
+
+    pg: Tensor  # the clipped token losses, 0 outside the mask
+    ratio: Tensor
+    log_ratio: Tensor  # logprobs - old_logprobs, 0 outside the mask
+    adv: Tensor
+    dual_clipped: Tensor | None  # masked tokens whose loss the dual clip capped
+
+
+def clipped_token_losses(
+    logp: Tensor, inputs: LossInputs, keep: Tensor, epsilon_low: float, epsilon_high: float, log_ratio_clamp: float,
+    clip_ratio_c: float | None,
+) -> TokenTerms:  # fmt: skip
+    """``pg`` per token (the formula of `ppo_clip_loss`) for ``logp`` = the float32 ``[B, T]`` log-probs with grad,
+    on the tokens where the bool mask ``keep`` is set."""
     old = inputs.old_logprobs.detach().float()
     adv = inputs.advantages.detach().float()
     zero = logp.new_zeros(())
-
     # torch.where rather than multiplying by m, so NaN/inf in padding positions cannot leak
     # into the loss or its gradient.
     log_ratio = torch.where(keep, logp - old, zero)
@@ -206,54 +222,77 @@ def ppo_clip_loss(
         capped = torch.minimum(pg, -adv * clip_ratio_c)
         dual_clipped = keep & (adv < 0) & (capped < pg)
         pg = torch.where(adv < 0, capped, pg)
-    pg = torch.where(keep, pg, zero)
+    return TokenTerms(torch.where(keep, pg, zero), ratio, log_ratio, adv, dual_clipped)
 
-    keep_f = keep.float()
-    row_tokens = keep_f.sum(dim=-1)
+
+def aggregate_policy_loss(
+    pg: Tensor, keep: Tensor, loss_agg: str, normalizer: float | None
+) -> tuple[Tensor, float, float]:
+    """The policy loss from token losses ``pg`` ``[B, T]`` (0 outside the bool mask ``keep``):
+
+    * ``"token_mean"``: ``sum(m * pg) / normalizer``; ``normalizer`` defaults to ``sum(m)``.
+      Pass the masked-token count of the whole mini-batch when accumulating gradients over
+      micro-batches to get a global token mean.
+    * ``"seq_mean_token_mean"``: per-row token mean, summed over rows with at least one masked
+      token and divided by ``normalizer``, which defaults to the number of such rows.
+
+    Returns (loss, masked token count, the token denominator the ``token_mean`` KL shares: the loss's under
+    ``token_mean``, ``sum(m)`` under ``seq_mean_token_mean``, whose ``normalizer`` counts rows).
+    """
+    row_tokens = keep.float().sum(dim=-1)
     num_tokens = float(row_tokens.sum().item())
     if loss_agg == "token_mean":
-        token_denom = _denominator(num_tokens, normalizer, "tokens")
-        policy_loss = pg.sum() / token_denom
-    else:
-        num_rows = float((row_tokens > 0).sum().item())
-        row_mean = pg.sum(dim=-1) / row_tokens.clamp(min=1.0)
-        policy_loss = row_mean.sum() / _denominator(num_rows, normalizer, "rows")
-        token_denom = num_tokens if num_tokens > 0 else 1.0
+        token_denom = loss_denominator(num_tokens, normalizer, "tokens")
+        return pg.sum() / token_denom, num_tokens, token_denom
+    num_rows = float((row_tokens > 0).sum().item())
+    row_mean = pg.sum(dim=-1) / row_tokens.clamp(min=1.0)
+    policy_loss = row_mean.sum() / loss_denominator(num_rows, normalizer, "rows")
+    return policy_loss, num_tokens, num_tokens if num_tokens > 0 else 1.0
 
-    if inputs.ref_logprobs is not None:
-        d = (inputs.ref_logprobs.detach().float() - logp).clamp(
-            -_KL_LOG_RATIO_CLAMP, _KL_LOG_RATIO_CLAMP
-        )
-        k3 = torch.where(keep, torch.exp(d) - d - 1.0, zero)
-        if kl_agg == "token_mean":
-            kl = k3.sum() / token_denom
-        else:
-            kl = k3.sum(dim=-1).sum() / (kl_normalizer if kl_normalizer else max(k3.shape[0], 1))
-    else:
-        kl = zero
 
-    loss = policy_loss + beta * kl if beta > 0 else policy_loss
+def aggregate_kl(
+    ref_logprobs: Tensor, logp: Tensor, keep: Tensor, kl_agg: str, token_denom: float, kl_normalizer: float | None
+) -> Tensor:
+    """The k3 KL to the reference over the masked tokens, ``[B, T]`` inputs:
 
+    * ``"token_mean"``: ``sum(m * k3) / token_denom`` (`aggregate_policy_loss`'s).
+    * ``"seq_sum"``: per-sequence sum, averaged over all ``B`` sequences (the reference's;
+      docs/algorithms.md#kl-term), or divided by ``kl_normalizer`` when given (the sequence count
+      of a whole mini-batch, for gradient accumulation).
+    """
+    d = (ref_logprobs.detach().float() - logp).clamp(-_KL_LOG_RATIO_CLAMP, _KL_LOG_RATIO_CLAMP)
+    k3 = torch.where(keep, torch.exp(d) - d - 1.0, logp.new_zeros(()))
+    if kl_agg == "token_mean":
+        return k3.sum() / token_denom
+    return k3.sum(dim=-1).sum() / (kl_normalizer if kl_normalizer else max(k3.shape[0], 1))
+
+
+def _loss_metrics(
+    terms: TokenTerms, keep: Tensor, response: Tensor, num_tokens: float, kl: Tensor, policy_loss: Tensor,
+    loss: Tensor, epsilon_low: float, epsilon_high: float,
+) -> dict[str, float]:  # fmt: skip
+    zero = terms.ratio.new_zeros(())
+    adv, ratio = terms.adv, terms.ratio
     with torch.no_grad():
         count = max(num_tokens, 1.0)
         clipped_low = keep & (adv < 0) & (ratio < 1.0 - epsilon_low)
         clipped_high = keep & (adv > 0) & (ratio > 1.0 + epsilon_high)
         # One stacked .tolist() so a GPU caller pays a single device sync for all metrics.
-        dual = dual_clipped.float().sum() if dual_clipped is not None else zero
+        dual = terms.dual_clipped.float().sum() if terms.dual_clipped is not None else zero
         low, high, dual_count, ratio_sum, neg_log_ratio_sum, kl_value, pl_value, loss_value = torch.stack(
             [
                 clipped_low.float().sum(),
                 clipped_high.float().sum(),
                 dual,
                 torch.where(keep, ratio, zero).sum(),
-                -log_ratio.sum(),
+                -terms.log_ratio.sum(),
                 kl.detach(),
                 policy_loss.detach(),
                 loss.detach(),
             ]
         ).tolist()
         num_response = float(response.sum().item())
-    metrics = {
+    return {
         "clip_ratio/low": low / count,
         "clip_ratio/high": high / count,
         "clip_ratio": (low + high) / count,
@@ -266,80 +305,6 @@ def ppo_clip_loss(
         "policy_loss": pl_value,
         "loss": loss_value,
     }
-    return LossOutputs(
-        loss=loss, policy_loss=policy_loss.detach(), kl=kl.detach(), metrics=metrics
-    )
-
-
-def clipped_value_loss(
-    values: Tensor,
-    old_values: Tensor,
-    returns: Tensor,
-    mask: Tensor,
-    clip: float,
-    *,
-    normalizer: float | None = None,
-) -> tuple[Tensor, dict[str, float]]:
-    """The critic's clipped value loss (TRL PPO, verl): new values may not move past ``V_old +- clip`` for free.
-
-    Per token, over ``S = {mask != 0}``::
-
-        V_clipped = clamp(values, old_values - clip, old_values + clip)
-        l         = max((values - returns)^2, (V_clipped - returns)^2)
-        loss      = 0.5 * sum_S(l) / normalizer          (normalizer defaults to |S|)
-
-    Pass the masked-token count of the whole mini-batch as ``normalizer`` when accumulating gradients over
-    micro-batches, so the micro-batch losses add up to the mini-batch's token mean. An empty mask gives an
-    exact 0 that still backpropagates.
-
-    Args:
-        values (Tensor): ``[B, T]`` the critic's current values; carries the gradient.
-        old_values (Tensor): ``[B, T]`` values when the advantages were estimated (``V_old``).
-        returns (Tensor): ``[B, T]`` value targets ``G``.
-        mask (Tensor): ``[B, T]`` 1 (or True) where the critic is trained.
-        clip (float): ``cliprange_value`` (> 0).
-        normalizer (float | None): denominator override; 0 only when nothing is masked in.
-
-    Returns:
-        (loss, metrics): scalar ``loss`` with grad; ``metrics`` has ``value_loss`` (its value),
-        ``value_clipfrac`` (fraction of masked tokens where the clipped term is the larger, TRL's
-        ``vf_clipfrac``), ``value_mean`` (mean masked value) and ``num_value_tokens``.
-
-    Raises:
-        ValueError: on shape mismatches, ``clip <= 0`` or an invalid ``normalizer``.
-    """
-    if values.dim() != 2:
-        raise ValueError(f"values must have shape [B, T], got {tuple(values.shape)}")
-    for name, tensor in (("old_values", old_values), ("returns", returns), ("mask", mask)):
-        if tensor.shape != values.shape:
-            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(values.shape)}")
-    if not clip > 0:
-        raise ValueError(f"clip must be > 0, got {clip}")
-    keep = mask != 0
-    zero = values.new_zeros((), dtype=torch.float32)
-    # Zeroing unmasked entries before any arithmetic (torch.where, not a multiplication) keeps NaN/inf at
-    # padding out of the loss and out of its gradient.
-    v = torch.where(keep, values.float(), zero)
-    old = torch.where(keep, old_values.detach().float(), zero)
-    target = torch.where(keep, returns.detach().float(), zero)
-    clipped = torch.maximum(torch.minimum(v, old + clip), old - clip)
-    unclipped_loss = (v - target).square()
-    clipped_loss = (clipped - target).square()
-    per_token = torch.where(keep, torch.maximum(unclipped_loss, clipped_loss), zero)
-    count = float(keep.sum().item())
-    loss = 0.5 * per_token.sum() / _denominator(count, normalizer, "value tokens")
-    with torch.no_grad():
-        clip_count, value_sum, loss_value = torch.stack(
-            [(keep & (clipped_loss > unclipped_loss)).float().sum(), torch.where(keep, v, zero).sum(), loss.detach()]
-        ).tolist()
-    denom = max(count, 1.0)
-    metrics = {
-        "value_loss": loss_value,
-        "value_clipfrac": clip_count / denom,
-        "value_mean": value_sum / denom,
-        "num_value_tokens": count,
-    }
-    return loss, metrics
 
 
 def masked_whiten(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:

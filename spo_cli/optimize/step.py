@@ -6,18 +6,19 @@ import math
 import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
 
 from spo_cli.episode import Episode, token_advantages
 from spo_cli.hardware import Runtime
-from spo_cli.optimize.loss import LossInputs, clipped_value_loss, masked_whiten, ppo_clip_loss
+from spo_cli.estimate.critic.loss import critic_loss, step_critic
+from spo_cli.optimize.loss import LossInputs, LossOutputs, masked_whiten, ppo_clip_loss
 from spo_cli.policy import collate, forward_logprobs, score_responses
 from spo_cli.recipe import PpoClip, Train
 
 if TYPE_CHECKING:
-    from spo_cli.critic import ValueCritic
+    from spo_cli.estimate.critic.model import ValueCritic
     from spo_cli.optimize.learner import AccelerateLearner, LocalLearner
 
     Learner = LocalLearner | AccelerateLearner
@@ -82,8 +83,215 @@ def ppo_update(
 
     `on_optimizer_step(n)` is called after the n-th optimizer step (1-based) of this update.
     """
+    _check_update_inputs(episodes, critic)
+    episodes = select_trainable(episodes, loss, train_critic=critic is not None)
+    if not episodes:
+        return {"optimizer_steps": 0.0, "trained_episodes": 0.0}
     cluster = learner.cluster
     rho = loss.prob_mask_rho if loss.use_prob_mask else None
+    inputs = UpdateInputs(
+        episodes=list(episodes),
+        advantages=[token_advantages(ep) for ep in episodes],
+        ref_logprobs=_reference_logprobs(ref_model, episodes, cluster, train, temperature, runtime, pad_id, loss.beta),
+        rho=rho,
+    )
+    plan = mini_batch_plan(
+        [trained_token_count(ep, rho) for ep in episodes],
+        [sum(t is not None for t in ep.value_targets or []) for ep in episodes],
+        train, loss.loss_agg, cluster.rank, cluster.world_size, rng,
+    )  # fmt: skip
+    sums = UpdateSums()
+    learner.model.train()
+    if critic is not None:
+        critic.model.train()
+    for steps, mini in enumerate(plan, start=1):
+        for k, micro in enumerate(mini.micro_batches):
+            _train_micro_batch(learner, inputs, mini, micro, last=k == len(mini.micro_batches) - 1, loss=loss,
+                               temperature=temperature, runtime=runtime, pad_id=pad_id, critic=critic, sums=sums)  # fmt: skip
+        sums.grad_norm += learner.step()
+        if critic is not None:
+            sums.value_grad_norm += step_critic(critic, cluster, learner.max_grad_norm)
+        if on_optimizer_step is not None:
+            on_optimizer_step(steps)
+    return update_metrics(sums, len(plan), len(episodes), learner.learning_rate, cluster, critic is not None)
+
+
+@dataclass
+class UpdateInputs:
+    """What every micro-batch of one update reads: the trainable episodes with their token advantages, the
+    reference model's log-probs (when the loss has a KL term) and the probability-mask threshold."""
+
+    episodes: list[Episode]
+    advantages: list[list[float]]
+    ref_logprobs: list[list[float]] | None
+    rho: float | None
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Episode indices one process trains in one forward/backward pass. A filler (`real` False) repeats an episode
+    of the mini-batch with weight 0, so a process with fewer micro-batches than another does the same
+    collective work."""
+
+    indices: list[int]
+    real: bool
+
+
+@dataclass(frozen=True)
+class MiniBatch:
+    """One optimizer step: every process's episodes (`indices`), this process's micro-batches, and the
+    normalisers the losses of all micro-batches of all processes share."""
+
+    indices: list[int]
+    micro_batches: list[MicroBatch]
+    normalizer: float
+    value_normalizer: float
+
+
+def mini_batch_plan(
+    trained_tokens: Sequence[int],
+    value_tokens: Sequence[int],
+    train: Train,
+    loss_agg: str,
+    rank: int,
+    world_size: int,
+    rng: random.Random,
+) -> list[MiniBatch]:
+    """The mini-batches of `train.ppo_epochs` passes over episodes with these trained and value-target token
+    counts: each epoch shuffles the order (when `train.shuffle_episodes`), cuts it into mini-batches of
+    `micro * accumulation * world_size` episodes, and gives process `rank` the episodes `rank::world_size` of
+    each, in micro-batches of `per_device_train_batch_size` (filled up to the count the fullest process runs).
+
+    The token-mean normaliser is the mini-batch's trained tokens; the sequence-mean one its episodes with any
+    trained token."""
+    micro = train.per_device_train_batch_size
+    per_step = micro * train.gradient_accumulation_steps * world_size
+    plan = []
+    for _ in range(train.ppo_epochs):
+        order = list(range(len(trained_tokens)))
+        if train.shuffle_episodes:
+            rng.shuffle(order)
+        for start in range(0, len(order), per_step):
+            mini = order[start : start + per_step]
+            mine = mini[rank::world_size]
+            n_micro = math.ceil(math.ceil(len(mini) / world_size) / micro)
+            micro_batches = [
+                MicroBatch(mine[k * micro : (k + 1) * micro] or mini[:1], bool(mine[k * micro : (k + 1) * micro]))
+                for k in range(n_micro)
+            ]
+            if loss_agg == "token_mean":
+                normalizer = float(sum(trained_tokens[i] for i in mini))
+            else:
+                normalizer = float(sum(1 for i in mini if trained_tokens[i] > 0))
+            plan.append(MiniBatch(mini, micro_batches, normalizer, float(sum(value_tokens[i] for i in mini))))
+    return plan
+
+
+def _train_micro_batch(
+    learner: Learner, inputs: UpdateInputs, mini: MiniBatch, micro: MicroBatch, *, last: bool, loss: PpoClip,
+    temperature: float, runtime: Runtime, pad_id: int, critic: ValueCritic | None, sums: UpdateSums,
+) -> None:  # fmt: skip
+    """Forward and backward one micro-batch (policy loss, and the critic's value loss with a critic) and add its
+    metrics to `sums` (a filler's are not added)."""
+    episodes = [inputs.episodes[i] for i in micro.indices]
+    with learner.micro_batch(last=last):
+        batch = collate([ep.prompt_token_ids for ep in episodes], [ep.response_token_ids for ep in episodes], pad_id)
+        batch = batch.to(runtime.device)
+        with runtime.autocast():
+            logprobs, entropy = forward_logprobs(learner.model, batch, temperature, with_entropy=True)
+        out = _policy_loss(batch, logprobs, inputs, micro.indices, mini, loss)
+        skipped = loss.skip_ratio_above is not None and out.metrics["ratio_mean"] > loss.skip_ratio_above
+        # The reference drops a micro-batch whose policy has drifted too far (ratio explosion)
+        # but still runs backward, so every rank does the same collective work.
+        total = out.loss * 0.0 if skipped or not micro.real else out.loss
+        value_metrics = None
+        if critic is not None:
+            value_loss, value_metrics = critic_loss(critic, batch, episodes, mini.value_normalizer, runtime)
+            total = total + critic.vf_coef * value_loss * float(micro.real)
+        # DDP and DeepSpeed average gradients over processes; each share is normalised by the whole
+        # mini-batch, so the sum over processes is the loss: undo the average.
+        learner.backward(total * learner.cluster.world_size)
+    if micro.real:
+        sums.add(out, value_metrics, skipped, entropy, batch.response_mask)
+
+
+def _policy_loss(batch, logprobs, inputs: UpdateInputs, indices: list[int], mini: MiniBatch, loss: PpoClip) -> LossOutputs:
+    """PPO-clip of one micro-batch: its advantages (whitened if asked), pi_old and reference log-probs laid out
+    like `logprobs`."""
+    adv = batch.scatter([inputs.advantages[i] for i in indices])
+    old = batch.scatter([inputs.episodes[i].response_logprobs for i in indices])
+    mask = batch.response_mask
+    rho = inputs.rho
+    if loss.whiten_advantages:
+        keep = mask if rho is None else mask * (old.exp() < rho)
+        adv = masked_whiten(adv, keep)
+    ref = batch.scatter([inputs.ref_logprobs[i] for i in indices]) if inputs.ref_logprobs is not None else None
+    return ppo_clip_loss(
+        LossInputs(logprobs=logprobs, old_logprobs=old, advantages=adv, mask=mask, ref_logprobs=ref),
+        epsilon_low=loss.epsilon,
+        epsilon_high=loss.epsilon_high if loss.epsilon_high is not None else loss.epsilon,
+        beta=loss.beta,
+        prob_mask_rho=rho,
+        loss_agg=loss.loss_agg,
+        kl_agg=loss.kl_agg,
+        normalizer=mini.normalizer,
+        kl_normalizer=float(len(mini.indices)),
+        clip_ratio_c=loss.clip_ratio_c,
+    )
+
+
+class UpdateSums:
+    """Metric sums of one update over the real micro-batches of this process; `weights` holds the denominators of
+    the keys averaged per token."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.weights: dict[str, float] = defaultdict(float)
+        self.grad_norm = 0.0
+        self.value_grad_norm = 0.0
+
+    def add(self, out: LossOutputs, value_metrics: dict[str, float] | None, skipped: bool, entropy, mask) -> None:
+        sums, weights = self.sums, self.weights
+        if value_metrics is not None:
+            sums["value_loss"] += value_metrics["value_loss"]
+            for key in ("value_clipfrac", "value_mean"):
+                sums[key] += value_metrics[key] * value_metrics["num_value_tokens"]
+                weights[key] += value_metrics["num_value_tokens"]
+        sums["skipped_micro_batches"] += float(skipped)
+        n_tok = out.metrics.get("num_tokens", 0.0)
+        for key in ("clip_ratio", "clip_ratio/low", "clip_ratio/high", "clip_ratio/dual", "ratio_mean"):
+            if key in out.metrics:
+                sums[key] += out.metrics[key] * n_tok
+                weights[key] += n_tok
+        # The normaliser spans the mini-batch, so micro-batch losses add up to the step's loss.
+        sums["policy_loss"] += float(out.policy_loss)
+        sums["kl"] += float(out.kl)
+        sums["entropy"] += float((entropy * mask).sum())
+        weights["entropy"] += float(mask.sum())
+
+
+def update_metrics(
+    acc: UpdateSums, steps: int, trained: int, learning_rate: float, cluster, with_critic: bool
+) -> dict[str, float]:
+    """The update's metrics, summed over processes: token-weighted means, and per-step means of the losses
+    (micro-batch losses add up to the step's loss) and gradient norms."""
+    sums = cluster.sum_floats(acc.sums)
+    weights = cluster.sum_floats(acc.weights)
+    metrics = {k: sums[k] / weights[k] for k in sums if weights.get(k, 0.0) > 0}
+    metrics["skipped_micro_batches"] = sums.get("skipped_micro_batches", 0.0)
+    metrics["policy_loss"] = sums.get("policy_loss", 0.0) / steps
+    metrics["grad_norm"] = acc.grad_norm / steps
+    metrics["kl"] = sums.get("kl", 0.0) / steps
+    if with_critic:
+        metrics["value_loss"] = sums.get("value_loss", 0.0) / steps
+        metrics["value_grad_norm"] = acc.value_grad_norm / steps
+    metrics["optimizer_steps"] = float(steps)
+    metrics["trained_episodes"] = float(trained)
+    metrics["learning_rate"] = learning_rate
+    return metrics
+
+
+def _check_update_inputs(episodes: Sequence[Episode], critic: ValueCritic | None) -> None:
     missing = next((ep.id for ep in episodes if ep.response_logprobs is None), None)
     if missing is not None:
         raise ValueError(f"episode {missing} has no response_logprobs (pi_old): run the partition stage to score it")
@@ -94,148 +302,28 @@ def ppo_update(
                 f"episode {missing} has no response_values/value_targets: training a critic needs an estimator "
                 "that writes them (estimator.kind=gae, or segment_gae with a critic)"
             )
-    episodes = select_trainable(episodes, loss, train_critic=critic is not None)
-    sums: dict[str, float] = defaultdict(float)
-    weights: dict[str, float] = defaultdict(float)
-    if not episodes:
-        return {"optimizer_steps": 0.0, "trained_episodes": 0.0}
-
-    advantages = [token_advantages(ep) for ep in episodes]
-    ref_logprobs: list[list[float]] | None = None
-    if loss.beta > 0:
-
-        def score_reference(part: list[Episode]) -> list[list[float]]:
-            scored, _ = score_responses(
-                ref_model,
-                [ep.prompt_token_ids for ep in part],
-                [ep.response_token_ids for ep in part],
-                pad_id=pad_id,
-                temperature=temperature,
-                batch_size=train.per_device_train_batch_size,
-                device=runtime.device,
-                autocast=runtime.autocast,
-            )
-            return scored
-
-        ref_logprobs = cluster.map_shards(score_reference, episodes)
-    trained_tokens = [trained_token_count(ep, rho) for ep in episodes]
-    value_tokens = [sum(t is not None for t in ep.value_targets or []) for ep in episodes]
-    world = cluster.world_size
-    micro = train.per_device_train_batch_size
-    per_step = micro * train.gradient_accumulation_steps * world
-    steps = 0
-    grad_norms = value_grad_norms = 0.0
-    learner.model.train()
-    if critic is not None:
-        critic.model.train()
-    for _ in range(train.ppo_epochs):
-        order = list(range(len(episodes)))
-        if train.shuffle_episodes:
-            rng.shuffle(order)
-        for mb_start in range(0, len(order), per_step):
-            mini = order[mb_start : mb_start + per_step]
-            if loss.loss_agg == "token_mean":
-                normalizer = float(sum(trained_tokens[i] for i in mini))
-            else:
-                normalizer = float(sum(1 for i in mini if trained_tokens[i] > 0))
-            value_normalizer = float(sum(value_tokens[i] for i in mini))
-            mine = mini[cluster.rank :: world]
-            n_micro = math.ceil(math.ceil(len(mini) / world) / micro)
-            for k in range(n_micro):
-                idx = mine[k * micro : (k + 1) * micro]
-                # An empty share still runs forward and backward (on any episode, weighted 0): collectives match.
-                real = bool(idx)
-                idx = idx or mini[:1]
-                with learner.micro_batch(last=k == n_micro - 1):
-                    batch = collate(
-                        [episodes[i].prompt_token_ids for i in idx], [episodes[i].response_token_ids for i in idx], pad_id
-                    ).to(runtime.device)
-                    with runtime.autocast():
-                        logprobs, entropy = forward_logprobs(learner.model, batch, temperature, with_entropy=True)
-                    adv = batch.scatter([advantages[i] for i in idx])
-                    old = batch.scatter([episodes[i].response_logprobs for i in idx])
-                    mask = batch.response_mask
-                    if loss.whiten_advantages:
-                        keep = mask if rho is None else mask * (old.exp() < rho)
-                        adv = masked_whiten(adv, keep)
-                    ref = batch.scatter([ref_logprobs[i] for i in idx]) if ref_logprobs is not None else None
-                    out = ppo_clip_loss(
-                        LossInputs(logprobs=logprobs, old_logprobs=old, advantages=adv, mask=mask, ref_logprobs=ref),
-                        epsilon_low=loss.epsilon,
-                        epsilon_high=loss.epsilon_high if loss.epsilon_high is not None else loss.epsilon,
-                        beta=loss.beta,
-                        prob_mask_rho=rho,
-                        loss_agg=loss.loss_agg,
-                        kl_agg=loss.kl_agg,
-                        normalizer=normalizer,
-                        kl_normalizer=float(len(mini)),
-                        clip_ratio_c=loss.clip_ratio_c,
-                    )
-                    skipped = loss.skip_ratio_above is not None and out.metrics["ratio_mean"] > loss.skip_ratio_above
-                    # The reference drops a micro-batch whose policy has drifted too far (ratio explosion)
-                    # but still runs backward, so every rank does the same collective work.
-                    total = out.loss * 0.0 if skipped or not real else out.loss
-                    if critic is not None:
-                        value_loss, value_metrics = _critic_loss(
-                            critic, batch, [episodes[i] for i in idx], value_normalizer, runtime
-                        )
-                        total = total + critic.vf_coef * value_loss * float(real)
-                    # DDP and DeepSpeed average gradients over processes; each share is normalised by the whole
-                    # mini-batch, so the sum over processes is the loss: undo the average.
-                    learner.backward(total * world)
-                if not real:
-                    continue
-                if critic is not None:
-                    sums["value_loss"] += value_metrics["value_loss"]
-                    for key in ("value_clipfrac", "value_mean"):
-                        sums[key] += value_metrics[key] * value_metrics["num_value_tokens"]
-                        weights[key] += value_metrics["num_value_tokens"]
-                sums["skipped_micro_batches"] += float(skipped)
-                n_tok = out.metrics.get("num_tokens", 0.0)
-                for key in ("clip_ratio", "clip_ratio/low", "clip_ratio/high", "clip_ratio/dual", "ratio_mean"):
-                    if key in out.metrics:
-                        sums[key] += out.metrics[key] * n_tok
-                        weights[key] += n_tok
-                # The normaliser spans the mini-batch, so micro-batch losses add up to the step's loss.
-                sums["policy_loss"] += float(out.policy_loss)
-                sums["kl"] += float(out.kl)
-                n_resp = float(mask.sum())
-                sums["entropy"] += float((entropy * mask).sum())
-                weights["entropy"] += n_resp
-            grad_norms += learner.step()
-            if critic is not None:
-                cluster.sum_gradients(critic.model.parameters())
-                value_grad_norms += float(torch.nn.utils.clip_grad_norm_(critic.model.parameters(), learner.max_grad_norm))
-                critic.optimizer.step()
-                critic.optimizer.zero_grad(set_to_none=True)
-            steps += 1
-            if on_optimizer_step is not None:
-                on_optimizer_step(steps)
-    sums = cluster.sum_floats(sums)
-    weights = cluster.sum_floats(weights)
-    metrics = {k: sums[k] / weights[k] for k in sums if weights.get(k, 0.0) > 0}
-    metrics["skipped_micro_batches"] = sums.get("skipped_micro_batches", 0.0)
-    metrics["policy_loss"] = sums.get("policy_loss", 0.0) / steps
-    metrics["grad_norm"] = grad_norms / steps
-    metrics["kl"] = sums.get("kl", 0.0) / steps
-    if critic is not None:
-        # Like policy_loss: micro-batch losses add up to the step's loss, so average over steps.
-        metrics["value_loss"] = sums.get("value_loss", 0.0) / steps
-        metrics["value_grad_norm"] = value_grad_norms / steps
-    metrics["optimizer_steps"] = float(steps)
-    metrics["trained_episodes"] = float(len(episodes))
-    metrics["learning_rate"] = learner.learning_rate
-    return metrics
 
 
-def _critic_loss(
-    critic: ValueCritic, batch, episodes: Sequence[Episode], normalizer: float, runtime: Runtime
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The clipped value loss of one micro-batch (`batch` holds `episodes`), with grad through the critic."""
-    with runtime.autocast():
-        values = critic.model(batch)
-    targets = [ep.value_targets for ep in episodes]
-    mask = batch.scatter([[float(t is not None) for t in row] for row in targets])
-    returns = batch.scatter([[0.0 if t is None else t for t in row] for row in targets])
-    old_values = batch.scatter([ep.response_values for ep in episodes])
-    return clipped_value_loss(values, old_values, returns, mask, critic.cliprange_value, normalizer=normalizer)
+def _reference_logprobs(
+    ref_model, episodes: Sequence[Episode], cluster, train: Train, temperature: float, runtime: Runtime, pad_id: int,
+    beta: float,
+) -> list[list[float]] | None:  # fmt: skip
+    """The reference model's log-probs of every episode's response (each process scores its share), when the loss
+    has a KL term (`beta` > 0)."""
+    if beta <= 0:
+        return None
+
+    def score_reference(part: list[Episode]) -> list[list[float]]:
+        scored, _ = score_responses(
+            ref_model,
+            [ep.prompt_token_ids for ep in part],
+            [ep.response_token_ids for ep in part],
+            pad_id=pad_id,
+            temperature=temperature,
+            batch_size=train.per_device_train_batch_size,
+            device=runtime.device,
+            autocast=runtime.autocast,
+        )
+        return scored
+
+    return cluster.map_shards(score_reference, episodes)

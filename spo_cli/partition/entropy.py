@@ -96,18 +96,7 @@ def entropy_boundaries(
         ValueError: if ``percentile`` is not in ``(0, 1]``, ``scope`` is unknown,
             ``min_segment_length < 1``, ``max_segments < 1`` or an entropy is NaN.
     """
-    if not 0.0 < percentile <= 1.0:
-        raise ValueError(f"percentile must be in (0, 1], got {percentile}")
-    if scope not in ("batch", "sequence"):
-        raise ValueError(f"scope must be 'batch' or 'sequence', got {scope!r}")
-    if min_segment_length < 1:
-        raise ValueError(f"min_segment_length must be >= 1, got {min_segment_length}")
-    if max_segments is not None and max_segments < 1:
-        raise ValueError(f"max_segments must be >= 1 or None, got {max_segments}")
-    # A NaN sorts arbitrarily and fails every comparison, so it would silently shift tau.
-    if any(math.isnan(h) for seq in entropies for h in seq):
-        raise ValueError("entropies contain NaN")
-
+    _check_entropy_inputs(entropies, percentile, scope, min_segment_length, max_segments)
     q = 1.0 - percentile
     batch_tau = None
     if scope == "batch" and any(entropies):
@@ -119,14 +108,35 @@ def entropy_boundaries(
             out.append([])
             continue
         tau = batch_tau if batch_tau is not None else linear_quantile(seq, q)
-        candidates = [t for t in range(1, len(seq)) if seq[t] >= tau]
-        kept = [0]
-        for t in candidates:
-            if t - kept[-1] >= min_segment_length:
-                kept.append(t)
-        if max_segments is not None and len(kept) > max_segments:
-            # sorted() is stable, so among equal entropies the earlier token comes first.
-            best = sorted(kept[1:], key=lambda t: -seq[t])[: max_segments - 1]
-            kept = [0, *sorted(best)]
-        out.append(kept)
+        out.append(_sequence_boundaries(seq, tau, min_segment_length, max_segments))
     return out
+
+
+def _sequence_boundaries(seq: Sequence[float], tau: float, min_segment_length: int, max_segments: int | None) -> list[int]:
+    """Steps 2-4 of `entropy_boundaries` for one non-empty sequence of entropies and its threshold `tau`."""
+    candidates = [t for t in range(1, len(seq)) if seq[t] >= tau]
+    kept = [0]
+    for t in candidates:
+        if t - kept[-1] >= min_segment_length:
+            kept.append(t)
+    if max_segments is not None and len(kept) > max_segments:
+        # sorted() is stable, so among equal entropies the earlier token comes first.
+        best = sorted(kept[1:], key=lambda t: -seq[t])[: max_segments - 1]
+        kept = [0, *sorted(best)]
+    return kept
+
+
+def _check_entropy_inputs(
+    entropies: Sequence[Sequence[float]], percentile: float, scope: str, min_segment_length: int, max_segments: int | None
+) -> None:
+    if not 0.0 < percentile <= 1.0:
+        raise ValueError(f"percentile must be in (0, 1], got {percentile}")
+    if scope not in ("batch", "sequence"):
+        raise ValueError(f"scope must be 'batch' or 'sequence', got {scope!r}")
+    if min_segment_length < 1:
+        raise ValueError(f"min_segment_length must be >= 1, got {min_segment_length}")
+    if max_segments is not None and max_segments < 1:
+        raise ValueError(f"max_segments must be >= 1 or None, got {max_segments}")
+    # A NaN sorts arbitrarily and fails every comparison, so it would silently shift tau.
+    if any(math.isnan(h) for seq in entropies for h in seq):
+        raise ValueError("entropies contain NaN")

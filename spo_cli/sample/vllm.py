@@ -29,7 +29,7 @@ import torch
 from spo_cli.errors import SpoUserError
 from spo_cli.hardware import Runtime
 from spo_cli.recipe import VLLM_MAX_TEMPERATURE
-from spo_cli.sample import (
+from spo_cli.sample.base import (
     VLLM_INSTALL_HINT,
     Completion,
     SamplingParams,
@@ -37,7 +37,7 @@ from spo_cli.sample import (
     finish_response,
     new_token_budgets,
 )
-from spo_cli.tasks import derive_seed
+from spo_cli.seeding import derive_seed
 
 if TYPE_CHECKING:
     from spo_cli.distributed import Cluster

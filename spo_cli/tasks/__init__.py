@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from spo_cli.errors import SpoUserError
 from spo_cli.recipe import Arith, Gsm8k, Math, TaskSpec
+from spo_cli.seeding import derive_seed, epoch_slice
 
 
 @dataclass(frozen=True)
@@ -47,37 +48,12 @@ class Task:
         return scores
 
 
-def derive_seed(*parts: int | str) -> int:
-    """A stable 63-bit seed from parts (Python's hash() of str is salted per process, so not that)."""
-    import hashlib
-
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
-
-
 def apply_template(tokenizer, prompt: str, use_chat_template: bool) -> str:
     if not use_chat_template:
         return prompt
     if tokenizer.chat_template is None:
         raise ValueError("task.use_chat_template is true but the tokenizer has no chat template")
     return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-
-
-def epoch_slice(n_items: int, start: int, count: int, seed: int) -> list[int]:
-    """Indices `start .. start+count` of an endless stream of seeded per-epoch shuffles of range(n_items).
-
-    The data position of a run is just `start`, so resuming needs no sampler state beyond the iteration.
-    """
-    out: list[int] = []
-    pos = start
-    while len(out) < count:
-        epoch, offset = divmod(pos, n_items)
-        order = list(range(n_items))
-        random.Random(derive_seed(seed, "epoch", epoch)).shuffle(order)
-        take = order[offset : offset + count - len(out)]
-        out.extend(take)
-        pos += len(take)
-    return out
 
 
 def build_task(spec: TaskSpec, prompts_per_iteration: int) -> Task:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from spo_cli.offline_values import read_offline_values
+from spo_cli.estimate.single_stream.offline_values import read_offline_values
 from spo_cli.recipe import load_recipe
 from spo_cli.tasks import build_task
 

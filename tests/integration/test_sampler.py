@@ -11,7 +11,7 @@ from spo_cli.hardware import Runtime
 from spo_cli.policy import collate, forward_logprobs
 from spo_cli.sample import SamplingParams, finish_response
 from spo_cli.sample.hf import HFSampler
-from spo_cli.tasks import derive_seed
+from spo_cli.seeding import derive_seed
 
 CPU = Runtime(device="cpu", bf16=False)
 

@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from spo_cli.recipe import parse_recipe
-from spo_cli.tracker import TRACKER_FILE
+from spo_cli.estimate.single_stream.tracker import TRACKER_FILE
 
 from ..conftest import tiny_recipe_dict
 

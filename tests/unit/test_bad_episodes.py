@@ -161,7 +161,7 @@ def test_estimate_refuses_token_ids_outside_the_vocabulary_before_rolling_out(tm
 
 
 def test_estimate_refuses_token_ids_outside_the_critics_vocabulary(tmp_path, tiny_policy):
-    from spo_cli.critic import build_critic, save_critic
+    from spo_cli.estimate.critic.model import build_critic, save_critic
     from spo_cli.recipe import Critic, Optim
 
     model, tokenizer = tiny_policy

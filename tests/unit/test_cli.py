@@ -105,3 +105,16 @@ def test_sft_refuses_a_recipe_whose_warm_start_is_loaded(tmp_path):
     out = spo("sft", str(write_recipe(tmp_path / "r.yaml", data)))
     assert out.returncode == 2 and "warm_start.load_from" in out.stderr and "made already" in out.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_estimate_values_refuses_a_flag_of_the_other_mode_naming_its_mode(tmp_path):
+    """`spo estimate-values` estimates saved episodes (--in, --critic, --iteration) or, with --offline, samples
+    single-stream SPO's offline values (--samples-per-prompt, --prompts-per-shard, --max-scores-per-prompt)."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe_dict(tmp_path))
+    out = tmp_path / "out.json"
+    offline = spo("estimate-values", str(recipe), "--offline", "--out", str(out), "--iteration", "3", "--critic", "c")
+    assert offline.returncode == 2 and "Traceback" not in offline.stderr
+    assert "--critic, --iteration: only when estimating saved episodes (--in), not with --offline" in offline.stderr
+    episodes = spo("estimate-values", str(recipe), "--in", str(out), "--out", str(out), "--max-scores-per-prompt", "2")
+    assert episodes.returncode == 2 and "--max-scores-per-prompt: only with --offline" in episodes.stderr
+    assert not out.exists()

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from spo_cli.critic import build_critic, critic_values, load_critic, save_critic
+from spo_cli.estimate.critic.model import build_critic, critic_values, load_critic, save_critic
 from spo_cli.errors import SpoUserError
 from spo_cli.estimate.gae import estimate_gae
 from spo_cli.policy import collate

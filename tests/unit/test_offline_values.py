@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from spo_cli import offline_values as ov
+from spo_cli.estimate.single_stream import offline_values as ov
 from spo_cli.errors import SpoUserError
 from spo_cli.recipe import parse_recipe
 from spo_cli.sample import Completion
-from spo_cli.tasks import Problem, Task, derive_seed
+from spo_cli.tasks import Problem, Task
+from spo_cli.seeding import derive_seed
 
 from ..conftest import tiny_recipe_dict
 

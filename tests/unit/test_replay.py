@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 
 from spo_cli.episode import Episode
-from spo_cli.replay import EdgeReplayBuffer, fit_episode_count
+from spo_cli.estimate.tree.replay import EdgeReplayBuffer
+from spo_cli.optimize.episode_count import fit_episode_count
 
 
 def edge(i: int, question: str) -> Episode:

@@ -217,7 +217,7 @@ def test_a_deepspeed_checkpoint_resumed_in_another_world_size_is_refused_inside_
     from types import SimpleNamespace
 
     from spo_cli.distributed import Cluster
-    from spo_cli.train import _check_resume_world
+    from spo_cli.rundir import check_resume_world as _check_resume_world
 
     ckpt = tmp_path / "checkpoints" / "iter_000002"
     under_deepspeed = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=object()))

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from spo_cli.recipe import SingleStream
-from spo_cli.tracker import PromptValueTracker, stored_sample
+from spo_cli.estimate.single_stream.tracker import PromptValueTracker, stored_sample
 
 
 def _tracker(**fields) -> PromptValueTracker:

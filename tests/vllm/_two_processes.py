@@ -12,7 +12,8 @@ def main(out_dir: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
-    from spo_cli.distributed import ShardedSampler, current_cluster
+    from spo_cli.distributed import current_cluster
+    from spo_cli.sample.sharded import ShardedSampler
     from spo_cli.hardware import Runtime
     from spo_cli.models import build_byte_tokenizer, build_tiny_model
     from spo_cli.recipe import Sampling, TinyModel

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from spo_cli.episode import Episode, Segment
-from spo_cli.estimate.single_stream import (
+from spo_cli.estimate.single_stream.advantages import (
     belief_update,
     belief_value,
     estimate_single_stream,

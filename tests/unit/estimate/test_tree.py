@@ -6,7 +6,7 @@ import pytest
 
 from spo_cli.episode import Episode, Segment
 from spo_cli.estimate import estimate_advantages, tree_edge_advantages, tree_values
-from spo_cli.estimate.mc_tree import TreeRoot, estimate_mc_tree, expand_trees
+from spo_cli.estimate.tree.growth import TreeRoot, estimate_mc_tree, expand_trees
 from spo_cli.recipe import Arith, McTree
 from spo_cli.sample import Completion, SamplingParams, new_token_budgets
 from spo_cli.tasks import build_task

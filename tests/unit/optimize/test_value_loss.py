@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from spo_cli.optimize.loss import clipped_value_loss
+from spo_cli.estimate.critic.loss import clipped_value_loss
 
 OLD = [[0.5, 0.4, 0.7]]
 RETURNS = [[0.95575, 0.985, 1.0]]  # the lam 0.95 GAE returns of the same example

@@ -1,7 +1,7 @@
-"""Assembling an iteration's training set: the reference's edge replay buffer and episode-count fitting.
+"""SPO-tree's edge replay buffer (the reference's OnPolicyReplayBuffer).
 
-Both are explicit objects or pure functions of an explicit RNG; the buffer's content is saved in every
-checkpoint (`state_dict`), so a resumed run trains on exactly the edges an uninterrupted one would.
+An explicit object drawing from an explicit RNG; its content is saved in every checkpoint (`state_dict`), so a
+resumed run trains on exactly the edges an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -10,29 +10,11 @@ import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from spo_cli.episode import Episode
 
-T = TypeVar("T")
 REPLAY_FILE = "replay.json"
-
-
-def fit_episode_count(items: Sequence[T], count: int, rng: random.Random) -> list[T]:
-    """Exactly `count` items, as the reference fills an iteration (step 4 of
-    docs/reference_settings.md#one-iteration-of-the-reference).
-
-    More items than `count`: a random subset (in random order). Fewer: the list repeated
-    ceil(count / len) times, shuffled, then cut, so an item can appear several times or not at all.
-    No items: an empty list (there is nothing to train on).
-    """
-    if not items:
-        return []
-    if len(items) >= count:
-        return rng.sample(list(items), count)
-    repeated = list(items) * -(-count // len(items))
-    rng.shuffle(repeated)
-    return repeated[:count]
 
 
 def question_of(episode: Episode) -> str:

@@ -27,9 +27,11 @@ from typing import TYPE_CHECKING, Any
 from spo_cli.distributed import LOCAL, Cluster
 from spo_cli.errors import SpoUserError
 from spo_cli.fsutil import atomic_write_json, atomic_write_text
-from spo_cli.recipe import Recipe, SingleStream
-from spo_cli.sample import SamplingParams
-from spo_cli.tasks import Task, apply_template, derive_seed
+from spo_cli.policy_loading import command_runtime, load_policy, set_offline_defaults
+from spo_cli.recipe import Recipe, Sft, SingleStream
+from spo_cli.sample import SamplingParams, build_sampler
+from spo_cli.seeding import derive_seed
+from spo_cli.tasks import Task, apply_template, build_task
 
 if TYPE_CHECKING:
     from spo_cli.sample import Sampler
@@ -352,14 +354,8 @@ def estimate_offline_values(
     if prompts_per_shard < 1 or max_scores_per_prompt < 1:
         raise SpoUserError("--prompts-per-shard and --max-scores-per-prompt must be at least 1")
     seed = recipe.run.seed
-    prompts = offline_prompts(task, seed, tokenizer)
+    prompts = _fitting_prompts(offline_prompts(task, seed, tokenizer), sampler, recipe.sampling.max_prompt_length, log)
     max_len = recipe.sampling.max_prompt_length
-    lengths = [len(ids) for ids in sampler.encode_prompts([p.text for p in prompts])] if max_len is not None else []
-    prompts, dropped = drop_long_prompts(prompts, lengths, max_len)
-    if dropped:
-        log(f"skipping {dropped} training prompts longer than sampling.max_prompt_length ({max_len} tokens)")
-    if not prompts:
-        raise SpoUserError(f"`sampling.max_prompt_length` ({max_len}) drops every training prompt")
     params = offline_sampling_params(recipe, task.stop, k, max_context)
     fingerprint = build_fingerprint(
         policy=policy_label,
@@ -378,20 +374,11 @@ def estimate_offline_values(
     if done:
         log(f"skipping {len(done)} of {len(ranges)} shards already sampled in {directory}")
     log(f"offline values: {len(prompts)} prompts x {k} samples in {len(ranges)} shards of up to {prompts_per_shard}")
-    shard_scores = []
-    for i, span in enumerate(ranges):
-        shard_prompts = [prompts[j] for j in span]
-        keys = [p.key for p in shard_prompts]
-        path = shard_path(directory, i)
-        if i in done:
-            scores = read_shard(path, i, keys, k)
-        else:
-            scores = sample_shard(sampler, task, shard_prompts, params, shard_seed(seed, i))
-            if cluster.is_main:
-                write_shard(path, i, keys, scores)
-            flat = [s for group in scores for s in group]
-            log(f"shard {i + 1}/{len(ranges)}: {len(keys)} prompts, mean score {sum(flat) / len(flat):.3f}")
-        shard_scores.append((keys, scores))
+    shard_scores = [
+        _shard_scores(sampler, task, [prompts[j] for j in span], params, directory, i, i in done, seed, k, log,
+                      len(ranges), cluster.is_main)  # fmt: skip
+        for i, span in enumerate(ranges)
+    ]
     values, subsampled = merge_scores(shard_scores, max_scores_per_prompt, seed)
     if cluster.is_main:
         atomic_write_text(out_path, format_values(values))
@@ -404,6 +391,35 @@ def estimate_offline_values(
         f"fraction > 0 {stats['frac_scores_above_0']:.4f}, prompts never > 0 {stats['frac_prompts_never_above_0']:.4f}"
     )
     return values
+
+
+def _fitting_prompts(prompts: list[OfflinePrompt], sampler, max_len: int | None, log) -> list[OfflinePrompt]:
+    """The prompts within sampling.max_prompt_length (the others are skipped, saying how many)."""
+    lengths = [len(ids) for ids in sampler.encode_prompts([p.text for p in prompts])] if max_len is not None else []
+    prompts, dropped = drop_long_prompts(prompts, lengths, max_len)
+    if dropped:
+        log(f"skipping {dropped} training prompts longer than sampling.max_prompt_length ({max_len} tokens)")
+    if not prompts:
+        raise SpoUserError(f"`sampling.max_prompt_length` ({max_len}) drops every training prompt")
+    return prompts
+
+
+def _shard_scores(
+    sampler, task: Task, shard_prompts: list[OfflinePrompt], params: SamplingParams, directory: Path, index: int,
+    done: bool, seed: int, k: int, log, shards: int, write: bool,
+) -> tuple[list[str], list[list[float]]]:  # fmt: skip
+    """Shard `index`'s keys and scores: read when a finished shard is on disk, else sampled (and written by the
+    main process)."""
+    keys = [p.key for p in shard_prompts]
+    path = shard_path(directory, index)
+    if done:
+        return keys, read_shard(path, index, keys, k)
+    scores = sample_shard(sampler, task, shard_prompts, params, shard_seed(seed, index))
+    if write:
+        write_shard(path, index, keys, scores)
+    flat = [s for group in scores for s in group]
+    log(f"shard {index + 1}/{shards}: {len(keys)} prompts, mean score {sum(flat) / len(flat):.3f}")
+    return keys, scores
 
 
 def read_offline_values(path: str | Path) -> dict[str, list[float]]:
@@ -438,3 +454,46 @@ def read_offline_values(path: str | Path) -> dict[str, list[float]]:
 def _is_score(value: Any) -> bool:
     # JSON true/false parse as bool, a subclass of int: not a score.
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def offline_values_file(
+    recipe: Recipe,
+    output_path: Path,
+    policy_dir: Path | None,
+    log: Callable[[str], None],
+    *,
+    samples_per_prompt: int | None = None,
+    prompts_per_shard: int | None = None,
+    max_scores_per_prompt: int | None = None,
+) -> dict[str, list[float]]:
+    """`spo estimate-values --offline`: the offline prompt values of single-stream SPO, sampled from --policy
+    (or the recipe's model) into `output_path`, resuming from the shards a killed run left."""
+    if isinstance(recipe.warm_start, Sft) and policy_dir is None:
+        raise SpoUserError(
+            "warm_start.kind is sft: the offline values must come from the policy RL starts from, not the recipe's "
+            "base model; pass --policy <run_dir>/warm_start (after `spo sft`), or leave estimator.offline_values "
+            "unset and let `spo train` estimate them"
+        )
+    set_offline_defaults(recipe)  # before build_task, which may read a hub dataset
+    task = build_task(recipe.task, recipe.sampling.prompts_per_iteration)
+    try:
+        require_train_pool(task)  # before the slow model load
+        runtime = command_runtime(recipe)
+        model, tokenizer = load_policy(recipe, policy_dir, runtime)
+        log(f"sampling offline values with {policy_dir or 'the recipe model'}")
+        sampler = build_sampler(recipe.sampling, model, tokenizer, runtime)
+        return estimate_offline_values(
+            recipe,
+            task,
+            sampler,
+            tokenizer,
+            output_path,
+            samples_per_prompt=samples_per_prompt,
+            prompts_per_shard=prompts_per_shard or DEFAULT_PROMPTS_PER_SHARD,
+            max_scores_per_prompt=max_scores_per_prompt or DEFAULT_MAX_SCORES_PER_PROMPT,
+            policy_label=policy_identity(recipe, policy_dir),
+            max_context=getattr(model.config, "max_position_embeddings", None),
+            log=log,
+        )
+    finally:
+        task.close()

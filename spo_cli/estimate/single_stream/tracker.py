@@ -3,7 +3,7 @@
 The reference keeps alpha, beta and the stored samples as local variables of its training loop, so a
 resumed run restarts them from the offline values; here `state_dict` / `load_state_dict` round-trip the
 whole state exactly (floats through JSON are exact; stored log-probs are kept as float32, as computed).
-The math lives in `spo_cli.estimate.single_stream`; the policy forward passes that measure D are the
+The math lives in `spo_cli.estimate.single_stream.advantages`; the policy forward passes that measure D are the
 caller's (`score` below), so this module needs no torch.
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spo_cli.estimate.single_stream import (
+from spo_cli.estimate.single_stream.advantages import (
     belief_update,
     belief_value,
     forgetting_factor,
@@ -28,7 +28,7 @@ from spo_cli.estimate.single_stream import (
     weighted_sample_without_replacement,
 )
 from spo_cli.recipe import SingleStream
-from spo_cli.tasks import derive_seed
+from spo_cli.seeding import derive_seed
 
 TRACKER_FILE = "single_stream_tracker.json"
 

@@ -3,7 +3,7 @@
 `expand_trees` is the sampling side: it grows every tree level by level, all nodes of one depth across
 all prompts in one sampler call (the sampler prefills each distinct prefix once and shares it among the
 node's children), and returns one node episode per non-root node. `estimate_mc_tree` is the estimate
-stage: node values and edge advantages from those episodes (`spo_cli.estimate.tree`), keeping the edges
+stage: node values and edge advantages from those episodes (`spo_cli.estimate.tree.values`), keeping the edges
 with a non-zero advantage as training episodes.
 
 A node episode is a normal `Episode`: prompt = the parent's full text (prompt + the segments above it),
@@ -18,10 +18,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from spo_cli.episode import Episode
-from spo_cli.estimate.tree import tree_edge_advantages, tree_values
+from spo_cli.estimate.tree.values import tree_edge_advantages, tree_values
 from spo_cli.recipe import McTree
 from spo_cli.sample import Sampler, SamplingParams
-from spo_cli.tasks import Task, derive_seed
+from spo_cli.tasks import Task
+from spo_cli.seeding import derive_seed
 
 ROOT = ""
 
@@ -137,30 +138,9 @@ def expand_trees(
         last_level = depth == len(branching) - 1
         frontier = []
         for node in expandable:
-            root = roots[node.tree]
-            query_text = root.prompt + _response_text(tokenizer, node.prefix_ids[len(root.prompt_token_ids) :])
-            for i, c in enumerate(children_of[node.prefix_ids]):
-                child = _Node(
-                    node.tree,
-                    child_id(node.node, i),
-                    node.node,
-                    depth + 1,
-                    node.prefix_ids + tuple(c.token_ids),
-                    list(c.token_ids),
-                    c.text,
-                    list(c.logprobs) if c.logprobs else None,
-                    list(c.entropies) if c.entropies else None,
-                    c.finish_reason,
-                    query_text,
-                )
-                nodes.append(child)
-                if c.finish_reason == "stop":
-                    child.leaf = True
-                    child.graded_text = root.prompt + _response_text(tokenizer, child.prefix_ids[len(root.prompt_token_ids) :])
-                elif last_level:
-                    _make_truncated_leaf(child)
-                else:
-                    frontier.append(child)
+            children = _children(node, roots[node.tree], children_of[node.prefix_ids], depth, last_level, tokenizer)
+            nodes.extend(children)
+            frontier.extend(child for child in children if not child.leaf)
     leaves = [n for n in nodes if n.leaf]
     rewards = task.grade([n.graded_text for n in leaves], [roots[n.tree].gold for n in leaves]) if leaves else []
     for leaf, reward in zip(leaves, rewards):
@@ -175,6 +155,34 @@ def expand_trees(
         "tree/expansions": float(expansions),  # distinct prefixes sampled from (identical siblings share one)
         "tree/generated_tokens": float(generated),
     }
+
+
+def _children(node: _Node, root: TreeRoot, completions, depth: int, last_level: bool, tokenizer) -> list[_Node]:
+    """The children of `node` from its sampled segments: a child that stopped is a leaf graded on the whole
+    response, one cut by its budget at the last level a truncated leaf, any other is expanded further."""
+    query_text = root.prompt + _response_text(tokenizer, node.prefix_ids[len(root.prompt_token_ids) :])
+    children = []
+    for i, c in enumerate(completions):
+        child = _Node(
+            node.tree,
+            child_id(node.node, i),
+            node.node,
+            depth + 1,
+            node.prefix_ids + tuple(c.token_ids),
+            list(c.token_ids),
+            c.text,
+            list(c.logprobs) if c.logprobs else None,
+            list(c.entropies) if c.entropies else None,
+            c.finish_reason,
+            query_text,
+        )
+        children.append(child)
+        if c.finish_reason == "stop":
+            child.leaf = True
+            child.graded_text = root.prompt + _response_text(tokenizer, child.prefix_ids[len(root.prompt_token_ids) :])
+        elif last_level:
+            _make_truncated_leaf(child)
+    return children
 
 
 def _make_truncated_leaf(node: _Node) -> None:

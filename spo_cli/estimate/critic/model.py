@@ -3,7 +3,7 @@
 The value of response token t is the head applied to the hidden state at the position that predicts token t,
 i.e. V(state before token t), aligned like the policy's log-probs (`spo_cli.policy.TokenBatch`). The backbone
 runs without an LM head: the vocabulary logits are the expensive part of a forward pass and a critic has no
-use for them. The GAE math is in `spo_cli.estimate.gae`, the value loss in `spo_cli.optimize.loss`.
+use for them. The GAE math is in `spo_cli.estimate.gae`, the value loss in `spo_cli.estimate.critic.loss`.
 
 A critic saved in a checkpoint is a folder `critic/` next to the policy's `model/`:
 `config.json` (the backbone's), `model.safetensors` (backbone and head) and `optimizer.pt`.
@@ -62,7 +62,7 @@ def build_critic(policy, spec: Critic, optim: Optim, *, vocab_size: int, seed: i
     std `initializer_range`, zero bias) from its own generator seeded by `seed`, so building a critic draws
     nothing from the global random streams a run's sampling depends on.
     """
-    from spo_cli.tasks import derive_seed
+    from spo_cli.seeding import derive_seed
 
     dtype = next(policy.parameters()).dtype
     if spec.value_model is None:

@@ -2,7 +2,7 @@
 
 Each prompt x keeps a Beta(alpha, beta) belief about its success probability; its mean
 v = alpha / (alpha + beta) is the baseline of the one response sampled for x. The functions here are
-pure: numbers in, numbers out. The tracker object that holds the state is `spo_cli.tracker`; the
+pure: numbers in, numbers out. The tracker object that holds the state is `spo_cli.estimate.single_stream.tracker`; the
 estimate stage (`estimate_single_stream`) reads the baseline each episode carried from sampling time.
 The method is described in docs/algorithms.md#single-stream-spo; the sections cited below are on that page.
 """
