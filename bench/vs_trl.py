@@ -82,7 +82,7 @@ def worker_spo(work: Path, args) -> tuple[list[float], dict[str, float]]:
                   "gradient_accumulation_steps": 1, "save_steps": args.steps},
         "hardware": {"device": "cpu", "precision": "fp32", "num_threads": args.threads},
         "eval": {"before_training": False, "after_training": False},
-        "logging": {"tensorboard": False, "progress": False, "log_completions": 0, "save_episodes": False},
+        "logging": {"report_to": [], "progress": False, "log_completions": 0, "save_episodes": False},
     })  # fmt: skip
     train(recipe, console=Console(file=open(os.devnull, "w")))
     records = [json.loads(line) for line in (recipe.run.run_dir / "metrics.jsonl").read_text().splitlines()]

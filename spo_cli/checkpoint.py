@@ -1,7 +1,7 @@
 """Checkpoints: Hugging Face model + tokenizer, optimizer, scheduler, RNG and loop position, written atomically.
 
 Layout of a run directory:
-    checkpoints/iter_000010/{model/, optimizer.pt, trainer_state.json, critic/ (estimator gae),
+    checkpoints/iter_000010/{model/, optimizer.pt, trainer_state.json, critic/ (estimator gae), adapter/ (LoRA),
                              deepspeed/ (DeepSpeed: every process's optimizer shard)}
     checkpoints/latest            -> text: "iter_000010"
 A checkpoint directory is built under a temporary name and renamed into place when complete, and
@@ -45,6 +45,8 @@ def save_checkpoint(
     Each of `extra_writers` is called (on the main process) with the unpublished checkpoint directory to add more
     state (a critic, a replay buffer), so that state is published atomically with the rest.
     """
+    from spo_cli.lora import ADAPTER_DIR, is_peft_model, save_adapter  # torch: not before a run needs it
+
     cluster = learner.cluster
     root = checkpoint_root(run_dir)
     name = f"iter_{iteration:06d}"
@@ -57,6 +59,8 @@ def save_checkpoint(
     if cluster.is_main:
         try:
             save_model(learner.inference_model, tokenizer, staging / "model")
+            if is_peft_model(learner.inference_model):
+                save_adapter(learner.inference_model, staging / ADAPTER_DIR)
             crash_point("checkpoint", iteration)
             for write in extra_writers:
                 write(staging)

@@ -24,6 +24,8 @@ app = typer.Typer(
 )
 recipe_app = typer.Typer(help="Validate, show and document recipes.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
+model_app = typer.Typer(help="Prepare models for recipes.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
 OverridesArg = Annotated[
@@ -441,6 +443,27 @@ def recipe_schema() -> None:
     from spo_cli.recipe import recipe_schema as schema
 
     typer.echo(json.dumps(schema(), indent=2))
+
+
+@model_app.command("import-gguf")
+def model_import_gguf(
+    file: Annotated[Path, typer.Argument(help="A GGUF model file (llama.cpp's format).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Hugging Face model directory to write (replaced if it exists).", show_default=False)],
+    dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16: the weights' dtype.")] = "float32",
+) -> None:
+    """Convert a GGUF file into a Hugging Face model directory (config, safetensors weights, tokenizer with its chat
+    template) that `model.name_or_path` can name: dequantized once instead of at every run's start."""
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise SpoUserError(f"--dtype: {dtype!r} is none of float32, bfloat16, float16")
+    import time
+
+    import torch
+
+    from spo_cli.gguf_model import import_gguf
+
+    start = time.perf_counter()
+    import_gguf(file, out, getattr(torch, dtype))
+    typer.echo(f"wrote {out} ({time.perf_counter() - start:.1f} s)")
 
 
 def main() -> None:

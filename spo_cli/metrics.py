@@ -1,4 +1,4 @@
-"""Per-iteration metrics: metrics.jsonl (one JSON object per line) and TensorBoard scalars."""
+"""Per-iteration metrics: metrics.jsonl (one JSON object per line), TensorBoard scalars and Weights & Biases."""
 
 from __future__ import annotations
 
@@ -32,32 +32,106 @@ def truncate_records(path: Path, last_iteration: int) -> None:
 
 
 class MetricsLog:
-    """Appends one line per record; on resume, drops records past the checkpoint's iteration."""
+    """Appends one line per record to metrics.jsonl, and passes the numbers on to the recipe's `report_to` sinks;
+    on resume, drops records past the checkpoint's iteration (they are about to be redone)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_iteration: int | None = None):
+    def __init__(self, run_dir: Path, sinks: list[Any], resume_iteration: int | None = None):
         self.path = run_dir / "metrics.jsonl"
         if resume_iteration is not None:
             truncate_records(self.path, resume_iteration)
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            purge = resume_iteration + 1 if resume_iteration is not None else None
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
+        self.sinks = sinks
 
     def log(self, record: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            step = int(record.get("iteration", 0))
-            for key, value in record.items():
-                if key != "iteration" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(key, value, step)
-            self.writer.flush()
+        step = int(record.get("iteration", 0))
+        scalars = {
+            k: v for k, v in record.items()
+            if k != "iteration" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }  # fmt: skip
+        for sink in self.sinks:
+            sink.log(scalars, step)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for sink in self.sinks:
+            sink.close()
+
+
+class TensorBoardSink:
+    """Scalars in <run_dir>/tensorboard; a resumed run purges the events past the checkpoint's iteration."""
+
+    def __init__(self, run_dir: Path, resume_iteration: int | None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        purge = resume_iteration + 1 if resume_iteration is not None else None
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+class WandbSink:
+    """A Weights & Biases run named after the recipe's run, with the resolved recipe as its config. Its id is kept in
+    <run_dir>/wandb_run_id, so a resumed spo run continues the same W&B run; W&B's files go to <run_dir>/wandb.
+
+    W&B keeps a run's steps increasing: an iteration redone after a crash (logged before the kill, not yet
+    checkpointed) is not logged again there; metrics.jsonl and TensorBoard hold the redone values."""
+
+    def __init__(self, run_dir: Path, name: str, config: dict[str, Any], settings, resume: bool):
+        import wandb
+
+        id_file = run_dir / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
+        if run_id is None:
+            run_id = wandb.util.generate_id()
+            atomic_write_text(id_file, run_id + "\n")
+        self.run = wandb.init(
+            project=settings.project, entity=settings.entity, group=settings.group, tags=list(settings.tags) or None,
+            name=name, config=config, id=run_id, resume="allow", dir=str(run_dir),
+        )  # fmt: skip
+        self.next_step = self.run.step if resume else 0  # W&B refuses (with a warning) steps below its own
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        if step >= self.next_step:
+            self.run.log(scalars, step=step)
+            self.next_step = step + 1
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def metric_sinks(run_dir: Path, recipe, resume_iteration: int | None) -> list[Any]:
+    """The recipe's `logging.report_to` sinks, in its order."""
+    sinks: list[Any] = []
+    for target in recipe.logging.report_to:
+        if target == "tensorboard":
+            sinks.append(TensorBoardSink(run_dir, resume_iteration))
+        elif target == "wandb":
+            config = recipe.model_dump(mode="json")
+            resume = resume_iteration is not None
+            sinks.append(WandbSink(run_dir, recipe.run.name, config, recipe.logging.wandb, resume))
+    return sinks
+
+
+def check_report_to_installed(recipe) -> None:
+    """Refuse a run that reports to W&B without wandb installed, before anything runs."""
+    if "wandb" in recipe.logging.report_to:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            from spo_cli.errors import SpoUserError
+
+            raise SpoUserError(
+                "logging.report_to: wandb needs the wandb package: pip install 'spo[wandb]' (or drop wandb from the list)"
+            )
 
 
 def iteration_seconds(run_dir: Path, through: int) -> float:

@@ -102,6 +102,8 @@ def load_pretrained(spec: PretrainedModel, field: str = "model.name_or_path") ->
     from spo_cli.tasks.data import hub_reachable
 
     name = spec.name_or_path
+    if spec.gguf_file is not None:
+        return _load_gguf_model(spec)
     if _is_local(name):
         check_model_dir(Path(name).expanduser(), field, spec.trust_remote_code)
     offline = not _is_local(name) and (os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable())
@@ -126,6 +128,29 @@ def load_pretrained(spec: PretrainedModel, field: str = "model.name_or_path") ->
         raise SpoUserError(f"`{field}`: cannot load {name!r}{hint}: {_one_line(exc)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _load_gguf_model(spec: PretrainedModel) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The recipe's GGUF file (downloaded first when name_or_path is a hub repository) as a plain HF model."""
+    import torch
+
+    from spo_cli.gguf_model import load_gguf
+
+    field = "model.gguf_file"
+    name = spec.name_or_path
+    if _is_local(name):
+        path = Path(name).expanduser() / spec.gguf_file
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(name, spec.gguf_file, revision=spec.revision))
+        except Exception as exc:  # noqa: BLE001 - the hub client's errors have no common base but Exception
+            raise SpoUserError(f"`{field}`: cannot download {spec.gguf_file!r} from {name!r}: {_one_line(exc)}") from None
+    model, tokenizer = load_gguf(path, field, getattr(torch, spec.dtype))
+    if spec.tokenizer is not None:
+        tokenizer = load_tokenizer(spec.tokenizer)
     return model, tokenizer
 
 
@@ -291,5 +316,11 @@ def _one_line(exc: Exception, limit: int = 400) -> str:
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
-    model.save_pretrained(path, safe_serialization=True)
+    """An ordinary Hugging Face directory of the policy; a LoRA policy's adapters are merged into its weights."""
+    from spo_cli.lora import is_peft_model, merged_state_dict
+
+    if is_peft_model(model):
+        model.get_base_model().save_pretrained(path, state_dict=merged_state_dict(model), safe_serialization=True)
+    else:
+        model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator, model_validator,
+)  # fmt: skip
 
 from spo_cli.errors import SpoUserError
 
@@ -156,7 +158,15 @@ class PretrainedModel(Section):
     """A Hugging Face causal LM: a local directory or a hub name."""
 
     kind: Literal["pretrained"] = "pretrained"
-    name_or_path: str = Field(description="Local directory with config.json and weights, or a hub model id.")
+    name_or_path: str = Field(
+        description="Local directory with config.json and weights (or with `gguf_file`), or a hub model id."
+    )
+    gguf_file: str | None = Field(
+        None,
+        description="A GGUF file (llama.cpp's format) in name_or_path to load instead of config.json and weights, as "
+        "transformers' `gguf_file=`: dequantized to `dtype` and trained as an ordinary model (needs `spo[gguf]`; "
+        "`spo model import-gguf` converts one once, loading it each run takes seconds to minutes).",
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit); ignored for local paths.")
     tokenizer: str | None = Field(None, description="Tokenizer directory or hub id; default: name_or_path.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -173,6 +183,18 @@ class PretrainedModel(Section):
         # A hub id never starts like a path; a path that does not exist is a typo, caught before anything runs.
         if value is not None and value.startswith(("/", "./", "../", "~")) and not _is_dir(value):
             raise ValueError(f"no such model directory: {_clip(value)}")
+        return value
+
+    @field_validator("gguf_file")
+    @classmethod
+    def _gguf_file_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        directory = info.data.get("name_or_path")
+        if value is None or directory is None or not _is_dir(directory):
+            return value  # a hub repository's file is checked when it is downloaded
+        if Path(value).name != value:
+            raise ValueError(f"a file name inside name_or_path ({_clip(directory)}), not a path: {_clip(value)}")
+        if not _usable_path(str(Path(directory).expanduser() / value)).is_file():
+            raise ValueError(f"no such file in {_clip(directory)}: {_clip(value)}")
         return value
 
 
@@ -1116,13 +1138,61 @@ class Eval(Section):
     max_problems: int | None = Field(None, ge=1, le=MAX_COUNT, description="Evaluate on at most N problems.")
 
 
+def _zero_stage(hardware: Hardware) -> int | None:
+    """The ZeRO stage the recipe's own `hardware.deepspeed` settings ask for (a JSON file or an accelerate config
+    is read when the run starts)."""
+    return hardware.deepspeed.zero_stage if isinstance(hardware.deepspeed, DeepSpeed) else None
+
+
+# -------------------------------------------------------------------------------------------- lora
+
+
+class Lora(Section):
+    """LoRA adapters (PEFT) trained instead of the whole policy during RL; the warm start, if any, is trained whole.
+
+    The KL reference is the policy with its adapters disabled (no second copy of the weights). Checkpoints hold the
+    adapter (`adapter/`, what --resume loads) and the merged weights (`model/`, what spo eval, spo report and vLLM
+    read). Names are PEFT's `LoraConfig` fields.
+    """
+
+    r: int = Field(16, ge=1, le=4096, description="Rank of each adapter's A (r x in) and B (out x r) matrices.")
+    lora_alpha: float = Field(32.0, gt=0, description="Scale numerator: the update is (lora_alpha / r) * B @ A.")
+    lora_dropout: float = Field(
+        0.0, ge=0, lt=1, description="Dropout on the adapters' input in training passes (0 keeps the PPO ratio at "
+        "exactly 1 on the first mini-batch, as without LoRA)."
+    )  # fmt: skip
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=200)]] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Layers that get adapters: module names or name suffixes (e.g. [q_proj, v_proj]), or all-linear "
+        "(every linear layer but the output head).",
+    )
+
+
 # ------------------------------------------------------------------------------------------ logging
+
+
+class Wandb(Section):
+    """Weights & Biases settings (logging.report_to: [wandb]). The W&B run is named run.name, its config is the
+    resolved recipe, and a resumed spo run continues the same W&B run. WANDB_MODE=offline logs without a network."""
+
+    project: str = Field("spo", min_length=1, max_length=128, description="W&B project.")
+    entity: str | None = Field(None, max_length=128, description="W&B team or user; default: your default entity.")
+    group: str | None = Field(None, max_length=128, description="W&B group (e.g. the seeds of one method).")
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        [], max_length=20, description="W&B tags of the run."
+    )
 
 
 class Logging(Section):
     """What the run records."""
 
-    tensorboard: bool = Field(True, description="Write TensorBoard scalars to <run_dir>/tensorboard.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        ["tensorboard"],
+        max_length=2,
+        description="Where per-iteration metrics go besides <run_dir>/metrics.jsonl: tensorboard (<run_dir>/tensorboard) "
+        "and/or wandb (Weights & Biases, `pip install 'spo[wandb]'`); [] for neither.",
+    )
+    wandb: Wandb = Field(default_factory=Wandb, description="W&B settings (report_to: [wandb]).")
     progress: bool = Field(True, description="Show a rich progress bar (off when not a terminal).")
     log_completions: int = Field(
         2, ge=0, le=MAX_BATCH, description="Completions per iteration printed and written to completions.jsonl."
@@ -1148,7 +1218,8 @@ class Recipe(Section):
     train: Train = Field(default_factory=Train, description="Iterations, epochs and batch sizes.")
     hardware: Hardware = Field(default_factory=Hardware, description="Device, precision, threads.")
     eval: Eval = Field(default_factory=Eval, description="Held-out evaluation during training.")
-    logging: Logging = Field(default_factory=Logging, description="Metrics, TensorBoard, completions.")
+    logging: Logging = Field(default_factory=Logging, description="Metrics, TensorBoard, W&B, completions.")
+    lora: Lora | None = Field(None, description="Train LoRA adapters instead of the whole policy; null: full training.")
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -1176,6 +1247,12 @@ class Recipe(Section):
         if isinstance(self.warm_start, Sft) and self.warm_start.load_from is not None:
             self._check_warm_start_matches(self.warm_start.load_from)
         self.estimator.check_recipe(self)
+        if self.lora is not None and _zero_stage(self.hardware) == 3:
+            raise ValueError(
+                "lora with hardware.deepspeed.zero_stage 3 is not supported: ZeRO-3 partitions the frozen base weights, which the "
+                "KL reference (the policy with adapters disabled) and the merged checkpoints need whole; use ZeRO-2 "
+                "(adapters are small: ZeRO-3 saves little memory with LoRA)"
+            )
         return self
 
     def _check_warm_start_matches(self, load_from: str) -> None:

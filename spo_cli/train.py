@@ -37,7 +37,8 @@ from spo_cli.evaluate import accuracy, evaluate_policy
 from spo_cli.faults import crash_point
 from spo_cli.fsutil import atomic_write_text
 from spo_cli.hardware import resolve_runtime
-from spo_cli.metrics import MetricsLog, iteration_seconds, truncate_records
+from spo_cli.lora import ADAPTER_DIR, AdapterDisabledReference, apply_lora, load_adapter, trainable_parameters
+from spo_cli.metrics import MetricsLog, check_report_to_installed, iteration_seconds, metric_sinks, truncate_records
 from spo_cli.models import load_checkpoint
 from spo_cli.optimize.learner import build_learner, start_processes
 from spo_cli.optimize.schedule import build_scheduler
@@ -81,6 +82,7 @@ def train(
     the processes of a distributed run other than the main one."""
     console = console or Console()
     check_backend_installed(recipe.sampling)
+    check_report_to_installed(recipe)
     set_offline_defaults(recipe)
     runtime = resolve_runtime(recipe.hardware)
     # Data problems (a missing file, an unreachable hub) surface before a run directory exists.
@@ -142,6 +144,8 @@ def build_run(
     )
     # Before the learner: a method that copies the policy (the critic) needs its weights unpartitioned.
     method = build_method(recipe.estimator, setup)
+    if recipe.lora is not None:  # after the method: a critic copies the policy without adapters
+        policy, ref_model = _with_lora(recipe, policy, checkpoint, console)
     learner = _build_learner(recipe, policy.model, accelerator, cluster, deepspeed_config, checkpoint)
     model = learner.inference_model
     sampler = build_sampler(recipe.sampling, model, policy.tokenizer, runtime, cluster=cluster, seed=recipe.run.seed)
@@ -150,7 +154,8 @@ def build_run(
     # Resuming drops the records of iterations after the checkpoint: they are about to be redone.
     metrics_log = None
     if cluster.is_main:
-        metrics_log = MetricsLog(run_dir, recipe.logging.tensorboard, resume_iteration=start - 1 if resume else None)
+        resume_iteration = start - 1 if resume else None
+        metrics_log = MetricsLog(run_dir, metric_sinks(run_dir, recipe, resume_iteration), resume_iteration)
         cleanup.callback(metrics_log.close)
         if resume:
             truncate_records(run_dir / "completions.jsonl", start - 1)
@@ -275,14 +280,15 @@ def _starting_policy(
     when resuming; None without a KL term) and the first iteration."""
     policy = warm_started_policy(recipe, run_dir, task, runtime, console, cluster)
     ref_model = None
-    if recipe.loss.beta > 0:
+    if recipe.loss.beta > 0 and recipe.lora is None:  # a LoRA run's reference is its own base (`_with_lora`)
         ref_model = copy.deepcopy(policy.model).eval().requires_grad_(False)
     start = 1
     if checkpoint is not None:
         state = read_trainer_state(checkpoint)
         check_resume_world(state, checkpoint, cluster, accelerator)
-        model, tokenizer = load_checkpoint(checkpoint / "model")
-        policy = Policy(model.to(runtime.device), tokenizer)
+        if recipe.lora is None:  # a LoRA run keeps the warm start and loads its adapter onto it (`_with_lora`)
+            model, tokenizer = load_checkpoint(checkpoint / "model")
+            policy = Policy(model.to(runtime.device), tokenizer)
         start = state["iteration"] + 1
         console.print(f"resuming from {checkpoint} (iteration {state['iteration']})")
     if recipe.hardware.gradient_checkpointing:
@@ -291,13 +297,30 @@ def _starting_policy(
     return policy, ref_model, start
 
 
+def _with_lora(recipe: Recipe, policy: Policy, checkpoint: Path | None, console: Console) -> tuple[Policy, Any]:
+    """The policy with LoRA adapters (fresh, or the checkpoint's when resuming) and its KL reference: the same module
+    with the adapters disabled (None without a KL term)."""
+    spec = recipe.lora
+    if checkpoint is None:
+        model = apply_lora(policy.model, spec)
+    else:
+        model = load_adapter(policy.model, spec, checkpoint / ADAPTER_DIR)
+    if recipe.hardware.gradient_checkpointing:
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input with grad
+    trained = sum(p.numel() for p in trainable_parameters(model))
+    total = sum(p.numel() for p in model.parameters())
+    console.print(f"LoRA: training {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%)")
+    reference = AdapterDisabledReference(model) if recipe.loss.beta > 0 else None
+    return Policy(model, policy.tokenizer), reference
+
+
 def _build_learner(recipe: Recipe, model, accelerator, cluster: Cluster, deepspeed_config, checkpoint: Path | None):
     """AdamW and the learning-rate schedule over `model`, in the learner of this run's engine; restored from the
     checkpoint when resuming."""
 
     optim = recipe.optim
     optimizer = torch.optim.AdamW(
-        model.parameters(),
+        trainable_parameters(model),  # all of them, or a LoRA run's adapters
         lr=optim.learning_rate,
         betas=(optim.adam_beta1, optim.adam_beta2),
         eps=optim.adam_epsilon,

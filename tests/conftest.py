@@ -15,6 +15,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 DATA = SHARED / "data"
+# The real pretrained model (SmolLM2-135M-Instruct as a Hugging Face directory) that .ci/fetch_real_model converts
+# from the package registry's GGUF file; tests that need it are marked real_model and skip without it.
+REAL_MODEL_CACHE = Path(os.environ.get("SPO_REAL_MODEL_CACHE", REPO / ".cache"))
+REAL_MODEL = REAL_MODEL_CACHE / "models" / "smollm2-135m-instruct"
+REAL_MODEL_GGUF = REAL_MODEL_CACHE / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+REAL_MODEL_MISSING = f"the real model is not in {REAL_MODEL_CACHE}: run .ci/fetch_real_model (docs/real_model.md)"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -45,7 +51,7 @@ TINY_RECIPE = {
     },
     "hardware": {"device": "cpu", "precision": "fp32", "num_threads": 1},
     "eval": {"num_samples": 2},
-    "logging": {"tensorboard": True, "progress": False, "log_completions": 1},
+    "logging": {"report_to": ["tensorboard"], "progress": False, "log_completions": 1},
 }
 
 

@@ -350,6 +350,12 @@ def build_learner(accelerator, cluster: Cluster, model, optimizer, schedule, *, 
     plugin.deepspeed_config.clear()
     plugin.deepspeed_config.update(filled)
     stage = int(plugin.deepspeed_config["zero_optimization"].get("stage", 0))
+    if stage == 3 and hasattr(model, "peft_config"):
+        raise SpoUserError(
+            "lora with DeepSpeed ZeRO-3 (set by hardware.deepspeed's file or the accelerate config) is not supported: "
+            "ZeRO-3 partitions the frozen base weights, which the KL reference and merged checkpoints need whole; "
+            "use ZeRO-2"
+        )
     # Taken before DeepSpeed partitions the parameters, while they are still whole.
     replica = copy.deepcopy(model).eval().requires_grad_(False) if stage == 3 else None
     engine, wrapped = accelerator.prepare(model, optimizer)

@@ -176,7 +176,10 @@ class HFSampler:
 
     def _cache_kwarg(self) -> str:
         # transformers renamed `past_key_values` to `cache` (the old name warns and will go away).
-        params = inspect.signature(self.model.forward).parameters
+        from spo_cli.lora import plain_model
+
+        # A LoRA policy's PEFT wrapper takes **kwargs: the transformers model inside names the argument.
+        params = inspect.signature(plain_model(self.model).forward).parameters
         return "cache" if "cache" in params else "past_key_values"
 
 

@@ -139,9 +139,11 @@ class VLLMSampler:
         from transformers import GenerationConfig
 
         work = Path(self._workdir.name)
+        from spo_cli.lora import plain_model
+
         config = copy.deepcopy(self.model.config)
         # What save_pretrained records: vLLM picks its implementation by this name (a bare config has none).
-        config.architectures = [type(self.model).__name__]
+        config.architectures = [type(plain_model(self.model)).__name__]
         config.save_pretrained(work)
         self.tokenizer.save_pretrained(work)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
@@ -173,7 +175,9 @@ class VLLMSampler:
 
     def _push_weights(self) -> None:
         """Copy the live module's weights into the engine in place (vLLM maps HF names, tied embeddings included)."""
-        weights = list(self.model.state_dict().items())
+        from spo_cli.lora import policy_state_dict
+
+        weights = list(policy_state_dict(self.model).items())  # a LoRA policy's merged weights
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         self.llm.reset_prefix_cache()
 

@@ -9,7 +9,7 @@ def test_torn_last_line_is_dropped_and_resume_truncates(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"iteration": i, "reward": i / 10}) + "\n" for i in range(1, 5)) + '{"iterat')
     assert [r["iteration"] for r in read_records(path)] == [1, 2, 3, 4]
-    MetricsLog(tmp_path, tensorboard=False, resume_iteration=2).log({"iteration": 3, "reward": 0.5})
+    MetricsLog(tmp_path, [], resume_iteration=2).log({"iteration": 3, "reward": 0.5})
     assert read_records(path) == [{"iteration": 1, "reward": 0.1}, {"iteration": 2, "reward": 0.2}, {"iteration": 3, "reward": 0.5}]
 
 
