@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,7 @@ class WandbSink:
         id_file = run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
         if run_id is None:
-            run_id = wandb.util.generate_id()
+            run_id = uuid.uuid4().hex[:12]  # W&B accepts any [a-z0-9] id; its own generator is not public API
             atomic_write_text(id_file, run_id + "\n")
         self.run = wandb.init(
             project=settings.project, entity=settings.entity, group=settings.group, tags=list(settings.tags) or None,
