@@ -33,8 +33,10 @@ def plain_model(model):
     return model.get_base_model() if is_peft_model(model) else model
 
 
-def apply_lora(model, spec: Lora):
-    """`model` with fresh LoRA adapters (PEFT's initialisation: B = 0, so the policy is unchanged at first).
+def apply_lora(model, spec: Lora, seed: int):
+    """`model` with fresh LoRA adapters (PEFT's initialisation: B = 0, so the policy is unchanged at first; A drawn
+    from `seed` alone, so runs that reach this point by different paths, e.g. a warm start trained or loaded, start
+    from the same adapter).
 
     Raises SpoUserError naming `lora.target_modules` when they match no layer of the model.
     """
@@ -49,7 +51,9 @@ def apply_lora(model, spec: Lora):
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return get_peft_model(model, config)
     except ValueError as exc:
         if "not found in the base model" in str(exc) or "target_modules" in str(exc):
             names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})

@@ -302,7 +302,7 @@ def _with_lora(recipe: Recipe, policy: Policy, checkpoint: Path | None, console:
     with the adapters disabled (None without a KL term)."""
     spec = recipe.lora
     if checkpoint is None:
-        model = apply_lora(policy.model, spec)
+        model = apply_lora(policy.model, spec, recipe.run.seed)
     else:
         model = load_adapter(policy.model, spec, checkpoint / ADAPTER_DIR)
     if recipe.hardware.gradient_checkpointing:

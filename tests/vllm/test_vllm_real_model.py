@@ -51,7 +51,7 @@ def test_vllm_samples_a_lora_policy_with_its_merged_weights():
     from spo_cli.sample.vllm import VLLMSampler
 
     model, tokenizer = tiny_model()
-    policy = apply_lora(copy.deepcopy(model), Lora(r=4, lora_alpha=8.0))
+    policy = apply_lora(copy.deepcopy(model), Lora(r=4, lora_alpha=8.0), seed=0)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in policy.named_parameters():
