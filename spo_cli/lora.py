@@ -80,9 +80,16 @@ def load_adapter(model, spec: Lora, directory: Path):
     return peft_model
 
 
+def set_adapter_base(model, base: str) -> None:
+    """Record in the adapter's config the model it was trained on (the warm start, when there is one, not the
+    recipe's model): what `PeftModel.from_pretrained` users must load it onto."""
+    model.peft_config[ADAPTER_NAME].base_model_name_or_path = base
+
+
 def save_adapter(model, directory: Path) -> None:
     """The adapter weights and config (PEFT's format) into `directory`."""
     model.save_pretrained(directory, safe_serialization=True)
+    (directory / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template: nothing about this run
 
 
 def merged_state_dict(model) -> dict[str, torch.Tensor]:

@@ -37,7 +37,9 @@ from spo_cli.evaluate import accuracy, evaluate_policy
 from spo_cli.faults import crash_point
 from spo_cli.fsutil import atomic_write_text
 from spo_cli.hardware import resolve_runtime
-from spo_cli.lora import ADAPTER_DIR, AdapterDisabledReference, apply_lora, load_adapter, trainable_parameters
+from spo_cli.lora import (
+    ADAPTER_DIR, AdapterDisabledReference, apply_lora, load_adapter, set_adapter_base, trainable_parameters,
+)
 from spo_cli.metrics import MetricsLog, check_report_to_installed, iteration_seconds, metric_sinks, truncate_records
 from spo_cli.models import load_checkpoint
 from spo_cli.optimize.learner import build_learner, start_processes
@@ -145,7 +147,7 @@ def build_run(
     # Before the learner: a method that copies the policy (the critic) needs its weights unpartitioned.
     method = build_method(recipe.estimator, setup)
     if recipe.lora is not None:  # after the method: a critic copies the policy without adapters
-        policy, ref_model = _with_lora(recipe, policy, checkpoint, console)
+        policy, ref_model = _with_lora(recipe, policy, checkpoint, warm_start_dir, console)
     learner = _build_learner(recipe, policy.model, accelerator, cluster, deepspeed_config, checkpoint)
     model = learner.inference_model
     sampler = build_sampler(recipe.sampling, model, policy.tokenizer, runtime, cluster=cluster, seed=recipe.run.seed)
@@ -297,7 +299,9 @@ def _starting_policy(
     return policy, ref_model, start
 
 
-def _with_lora(recipe: Recipe, policy: Policy, checkpoint: Path | None, console: Console) -> tuple[Policy, Any]:
+def _with_lora(
+    recipe: Recipe, policy: Policy, checkpoint: Path | None, warm_start_dir: Path | None, console: Console
+) -> tuple[Policy, Any]:
     """The policy with LoRA adapters (fresh, or the checkpoint's when resuming) and its KL reference: the same module
     with the adapters disabled (None without a KL term)."""
     spec = recipe.lora
@@ -305,6 +309,7 @@ def _with_lora(recipe: Recipe, policy: Policy, checkpoint: Path | None, console:
         model = apply_lora(policy.model, spec, recipe.run.seed)
     else:
         model = load_adapter(policy.model, spec, checkpoint / ADAPTER_DIR)
+    set_adapter_base(model, str(warm_start_dir.resolve()) if warm_start_dir else recipe.model.name_or_path)
     if recipe.hardware.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input with grad
     trained = sum(p.numel() for p in trainable_parameters(model))

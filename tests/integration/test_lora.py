@@ -140,6 +140,8 @@ def test_lora_trains_only_the_adapters_and_checkpoints_both_forms(one):
     ckpt = one / "checkpoints" / "iter_000004"
     config = json.loads((ckpt / "adapter" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"]) == (4, 8.0)
+    # It was trained on the warm start, not on the recipe's model: that is what users must load it onto.
+    assert config["base_model_name_or_path"] == str((one / "warm_start").resolve())
     trained, _ = load_checkpoint(ckpt / "model")
     warm, _ = load_checkpoint(one / "warm_start")
     changed = {n for (n, a), b in zip(trained.named_parameters(), warm.parameters()) if not torch.equal(a, b)}
