@@ -10,6 +10,8 @@ break an exact resume.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +35,15 @@ def plain_model(model):
     return model.get_base_model() if is_peft_model(model) else model
 
 
+@contextlib.contextmanager
+def _quiet_peft():
+    """PEFT reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: a FutureWarning that
+    is PEFT's to fix, not the user's, printed at every run start otherwise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def apply_lora(model, spec: Lora, seed: int):
     """`model` with fresh LoRA adapters (PEFT's initialisation: B = 0, so the policy is unchanged at first; A drawn
     from `seed` alone, so runs that reach this point by different paths, e.g. a warm start trained or loaded, start
@@ -51,7 +62,7 @@ def apply_lora(model, spec: Lora, seed: int):
         task_type="CAUSAL_LM",
     )
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _quiet_peft():
             torch.manual_seed(seed)
             return get_peft_model(model, config)
     except ValueError as exc:
@@ -70,7 +81,8 @@ def load_adapter(model, spec: Lora, directory: Path):
 
     if not (directory / "adapter_config.json").is_file():
         raise SpoUserError(f"--resume: {directory.parent} has no {ADAPTER_DIR}/: it was not written by a LoRA run")
-    peft_model = PeftModel.from_pretrained(model, directory, is_trainable=True)
+    with _quiet_peft():
+        peft_model = PeftModel.from_pretrained(model, directory, is_trainable=True)
     saved = peft_model.peft_config[ADAPTER_NAME]
     if (saved.r, saved.lora_alpha) != (spec.r, spec.lora_alpha):
         raise SpoUserError(
