@@ -3,14 +3,17 @@
 Both runs are `spo train recipes/smollm2_arith_chain.yaml` from the base model (no warm start: it would dominate
 the time and is the same for both), with a KL term (`loss.beta` 0.01: full training then holds a second copy of
 the model as its reference, LoRA disables its adapters instead) and every episode trained (`skip_zero_advantage`
-off: the base model rarely earns a reward, and a step with nothing to train measures nothing). They differ only in
+off: the base model rarely earns a reward, and a step with nothing to train measures nothing). The recipe's
+SPO-chain rollouts are swapped for GRPO's group advantages (`partitioner.kind=whole estimator.kind=group`): from
+the base model, whose responses are long and uncertain, the rollouts take minutes per iteration and cost the same
+in both runs, while the update, where LoRA and full training differ, takes seconds. The two runs differ only in
 `lora`. Each run is its own process; its peak resident memory is the kernel's figure for that process (wait4's
 ru_maxrss) and its seconds are the iterations' own times from metrics.jsonl, the first iteration left out (it
 includes one-off costs). Prints both and their ratios, measured in this one invocation.
 
 Needs the model: .ci/fetch_real_model (docs/real_model.md).
 
-    python bench/lora_memory.py                      # 3 iterations each, ~5 minutes on 2 cores
+    python bench/lora_memory.py                      # 4 iterations each, ~3 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from pathlib import Path
 from common import ROOT
 
 RECIPE = ROOT / "recipes" / "smollm2_arith_chain.yaml"
-COMMON = ["warm_start.kind=none", "loss.beta=0.01", "loss.skip_zero_advantage=false", "eval.before_training=false",
-          "eval.after_training=false", "logging.report_to=[]", "logging.progress=false"]  # fmt: skip
+COMMON = ["warm_start.kind=none", "partitioner.kind=whole", "estimator.kind=group", "loss.beta=0.01",
+          "loss.skip_zero_advantage=false", "eval.before_training=false", "eval.after_training=false",
+          "logging.report_to=[]", "logging.progress=false"]  # fmt: skip
 VARIANTS = {"full": ["lora=null"], "lora": []}
 
 
@@ -53,7 +57,7 @@ def run(name: str, extra: list[str], out: Path, iterations: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=3, help="per variant (the first is not counted)")
+    parser.add_argument("--iterations", type=int, default=4, help="per variant (the first is not counted)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     if not (ROOT / ".cache" / "models" / "smollm2-135m-instruct" / "config.json").is_file():
