@@ -459,7 +459,7 @@ def model_import_gguf(
 
     import torch
 
-    from spo_cli.gguf_model import import_gguf
+    from spo_cli.models import import_gguf
 
     start = time.perf_counter()
     import_gguf(file, out, getattr(torch, dtype))

@@ -99,18 +99,3 @@ def _plain_copy(loaded: PreTrainedModel, dtype) -> PreTrainedModel:
             raise SpoUserError(f"the GGUF model's weights do not fit its own config: {', '.join(real[:5])}")
     model.generation_config = loaded.generation_config
     return model
-
-
-def import_gguf(path: Path, out: Path, dtype) -> None:
-    """Write the GGUF file at `path` as a Hugging Face model directory `out` (config, safetensors, tokenizer),
-    atomically: a crash leaves no half-written `out`."""
-    from spo_cli.fsutil import publish_dir
-    from spo_cli.models import save_model
-
-    model, tokenizer = load_gguf(path, "FILE", dtype)
-    staging = out.with_name(f".{out.name}.partial")
-    import shutil
-
-    shutil.rmtree(staging, ignore_errors=True)
-    save_model(model, tokenizer, staging)
-    publish_dir(staging, out)

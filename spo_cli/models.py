@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -313,6 +314,19 @@ def _one_line(exc: Exception, limit: int = 400) -> str:
     """An exception's message on one line, cut short (transformers' can list every model type it knows)."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def import_gguf(path: Path, out: Path, dtype) -> None:
+    """Write the GGUF file at `path` as a Hugging Face model directory `out` (config, safetensors, tokenizer),
+    atomically: a crash leaves no half-written `out`."""
+    from spo_cli.fsutil import publish_dir
+    from spo_cli.gguf_model import load_gguf
+
+    model, tokenizer = load_gguf(path, "FILE", dtype)
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_model(model, tokenizer, staging)
+    publish_dir(staging, out)
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:

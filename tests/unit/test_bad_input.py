@@ -33,6 +33,16 @@ BASE = parse_recipe(_base(Path("unused")))
 SECTIONS = list(Recipe.model_fields)
 
 
+def _section_model(section: str) -> type:
+    """The section's class: that of its value in the base recipe, or, for an optional section the base recipe
+    leaves out (lora), the class its annotation names."""
+    value = getattr(BASE, section)
+    if value is not None:
+        return type(value)
+    (model,) = [a for a in typing.get_args(Recipe.model_fields[section].annotation) if a is not type(None)]
+    return model
+
+
 def _plain(annotation) -> type | None:
     """int, float, bool or str for a field of that type (optional or not); None for anything else."""
     args = typing.get_args(annotation)
@@ -46,8 +56,7 @@ def _fields() -> list[tuple[str, str, type, list]]:
     """(section, field, type, constraints) of every plain field of the base recipe's sections."""
     out = []
     for section in SECTIONS:
-        model = type(getattr(BASE, section))
-        for name, info in model.model_fields.items():
+        for name, info in _section_model(section).model_fields.items():
             kind = _plain(info.annotation)
             if kind is not None and name != "kind":
                 out.append((section, name, kind, list(info.metadata)))
@@ -57,7 +66,7 @@ def _fields() -> list[tuple[str, str, type, list]]:
 FIELDS = _fields()
 NUMERIC_BOUNDS = [(s, n, k, m) for s, n, k, m in FIELDS if k in (int, float) and any(
     isinstance(c, annotated_types.Ge | annotated_types.Gt | annotated_types.Le | annotated_types.Lt) for c in m)]  # fmt: skip
-KIND_SECTIONS = [s for s in SECTIONS if "kind" in type(getattr(BASE, s)).model_fields]
+KIND_SECTIONS = [s for s in SECTIONS if "kind" in _section_model(s).model_fields]
 
 
 @st.composite
@@ -97,7 +106,7 @@ def _not_number(text: str) -> bool:
 @st.composite
 def unknown_key(draw):
     section = draw(st.sampled_from([*SECTIONS, None]))
-    known = set(SECTIONS) if section is None else set(type(getattr(BASE, section)).model_fields)
+    known = set(SECTIONS) if section is None else set(_section_model(section).model_fields)
     key = draw(st.from_regex(r"[a-z][a-z_]{0,15}", fullmatch=True).filter(lambda k: k not in known))
     path = [key] if section is None else [section, key]
     return ".".join(path), path, 1
