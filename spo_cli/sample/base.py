@@ -19,6 +19,9 @@ class SamplingParams:
     # min(max_new_tokens, max_total_tokens - P) new tokens. None: no limit beyond max_new_tokens.
     max_total_tokens: int | None = None
     stop: tuple[str, ...] = ()
+    # Stop strings a response keeps, up to the end of the token that completes one: a tool loop stops at a code
+    # block's end marker this way and runs the block (the marker's tokens are the policy's, and trained).
+    keep_stop: tuple[str, ...] = ()
     keep_eos_token: bool = True
     logprobs: bool = True  # record log-probs and entropies (evaluation needs neither)
 
@@ -80,23 +83,32 @@ def finish_response(tokenizer, tokens: Sequence[int], params: SamplingParams) ->
     eos_at = tokens.index(eos) if eos in tokens else None
     body = tokens if eos_at is None else tokens[:eos_at]
     text = tokenizer.decode(body, skip_special_tokens=True)
-    cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
-    if cut >= 0:
-        # Keep the longest token prefix whose text ends before the stop string (the token that
-        # completes the stop string may carry a few characters of the answer; those are dropped).
-        lo, hi = 0, len(body)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if len(tokenizer.decode(body[:mid], skip_special_tokens=True)) <= cut:
-                lo = mid
-            else:
-                hi = mid - 1
-        body = body[:lo]
+    found = [(i, s in params.keep_stop, s) for s in (*params.stop, *params.keep_stop) if (i := text.find(s)) >= 0]
+    if found:
+        cut, keep, stop = min(found)
+        if keep:  # the shortest token prefix whose text holds the whole stop string
+            body = body[: _tokens_reaching(tokenizer, body, cut + len(stop))]
+        else:
+            # The longest token prefix whose text ends before the stop string (the token that completes the stop
+            # string may carry a few characters of the answer; those are dropped).
+            body = body[: _tokens_reaching(tokenizer, body, cut + 1) - 1]
         return body, tokenizer.decode(body, skip_special_tokens=True), "stop"
     if eos_at is not None:
         return (body + [eos] if params.keep_eos_token else body), text, "stop"
     return body, text, "length"
 
+
+def _tokens_reaching(tokenizer, body: Sequence[int], chars: int) -> int:
+    """The fewest leading tokens of `body` whose text is at least `chars` characters long (binary search: the text
+    of a longer prefix is never shorter); len(body) + 1 when even all of it is shorter."""
+    lo, hi = 0, len(body) + 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mid <= len(body) and len(tokenizer.decode(body[:mid], skip_special_tokens=True)) >= chars:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def new_token_budgets(prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[int]:

@@ -287,13 +287,13 @@ class VLLMSampler:
                 top_k=params.top_k,  # 0 = off, as in the recipe
                 max_tokens=budget,
                 seed=derive_seed(seed, "vllm", offset + i),
-                stop=list(params.stop) or None,
+                stop=list(params.stop + params.keep_stop) or None,
                 # Keep every token up to the one that completes the stop string: finish_response cuts there, as it
                 # does for the HF backend, and text after the cut is not needed.
                 include_stop_str_in_output=True,
                 skip_special_tokens=True,
                 # Detokenizing is only needed to find stop strings (finish_response decodes the kept tokens).
-                detokenize=bool(params.stop),
+                detokenize=bool(params.stop or params.keep_stop),
                 logprobs=0 if engine_logprobs else None,
             )
             for i, budget in enumerate(budgets)

@@ -93,8 +93,10 @@ def main():
     except OSError as exc:
         print(f"sandbox setup failed: {exc}", file=sys.stderr)
         sys.exit(SETUP_FAILED)
-    env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
-    argv = [config["python"], "-I", "main.py"]
+    env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8"}
+    # -I: no user site, no PYTHON* variables; -u: stdout and stderr interleave as a terminal shows them, and what
+    # was printed before a kill is kept; -B: no bytecode files in the small working directory.
+    argv = [config["python"], "-I", "-u", "-B", "main.py"]
     if not config["isolate"]:
         os.execve(config["python"], argv, env)
     # This process is the PID namespace's init, which no signal without a handler reaches, not even the kernel's

@@ -80,6 +80,17 @@ def test_eos_and_stop_string_handling(tiny_policy):
     assert (text, reason) == ("12+3=15", "stop") and tok.decode(ids) == "12+3=15"
 
 
+def test_a_kept_stop_string_ends_the_response_with_it(tiny_policy):
+    _, tok = tiny_policy
+    body = tok("<code>print(1)</code>\nmore", add_special_tokens=False)["input_ids"]
+    tool = SamplingParams(stop=("####",), keep_stop=("</code>",))
+    ids, text, reason = finish_response(tok, body + [tok.eos_token_id], tool)
+    assert (text, reason) == ("<code>print(1)</code>", "stop") and ids == body[: len("<code>print(1)</code>")]
+    # The earliest stop string wins, kept or not.
+    first = tok("#### 2 <code>x</code>", add_special_tokens=False)["input_ids"]
+    assert finish_response(tok, first, tool)[1:] == ("", "stop")
+
+
 def test_policy_collate_alignment():
     batch = collate([[1, 2], [3]], [[7, 8, 9], [6]], pad_id=0)
     assert batch.input_ids.tolist() == [[1, 2, 7, 8, 9], [3, 6, 0, 0, 0]]
