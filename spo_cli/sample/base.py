@@ -34,6 +34,10 @@ class Completion:
     finish_reason: Literal["stop", "length"]
     logprobs: list[float] = field(default_factory=list)  # one per token, at the sampling temperature
     entropies: list[float] = field(default_factory=list)  # entropy of each token's sampling distribution
+    # [start, end) ranges of token_ids a tool wrote (a tool loop's outputs): not the policy's, never trained; their
+    # logprobs and entropies are 0 placeholders.
+    tool_spans: list[tuple[int, int]] = field(default_factory=list)
+    tool_calls: list[str] = field(default_factory=list)  # each call's ToolResult.status, in order
 
 
 class Sampler(Protocol):
@@ -50,9 +54,15 @@ class Sampler(Protocol):
         ...
 
     def generate_ids(
-        self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int, offset: int = 0
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        params: SamplingParams,
+        seed: int,
+        offset: int = 0,
+        caps: Sequence[int] | None = None,
     ) -> list[list[Completion]]:
-        """The same from token ids (Monte Carlo rollouts continue exact token prefixes, not re-tokenized text)."""
+        """The same from token ids (Monte Carlo rollouts continue exact token prefixes, not re-tokenized text).
+        `caps`: at most this many new tokens for each prompt, below `params.max_new_tokens` (a tool loop's turns)."""
         ...
 
     def shard_unit(self, params: SamplingParams) -> int:
@@ -111,11 +121,17 @@ def _tokens_reaching(tokenizer, body: Sequence[int], chars: int) -> int:
     return lo
 
 
-def new_token_budgets(prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[int]:
-    """New tokens each prompt may get: max_new_tokens, capped so prompt + response fit max_total_tokens."""
+def new_token_budgets(
+    prompt_ids: Sequence[Sequence[int]], params: SamplingParams, caps: Sequence[int] | None = None
+) -> list[int]:
+    """New tokens each prompt may get: max_new_tokens (or its cap, if lower), capped so prompt + response fit
+    max_total_tokens."""
+    wanted = [params.max_new_tokens] * len(prompt_ids)
+    if caps is not None:
+        wanted = [min(w, cap) for w, cap in zip(wanted, caps)]
     if params.max_total_tokens is None:
-        return [params.max_new_tokens] * len(prompt_ids)
-    budgets = [min(params.max_new_tokens, params.max_total_tokens - len(p)) for p in prompt_ids]
+        return wanted
+    budgets = [min(w, params.max_total_tokens - len(p)) for w, p in zip(wanted, prompt_ids)]
     worst = min(range(len(budgets)), key=budgets.__getitem__, default=None)
     if worst is not None and budgets[worst] < 1:
         raise ValueError(

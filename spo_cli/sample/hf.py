@@ -48,7 +48,12 @@ class HFSampler:
         """Nothing to free: the sampler holds no memory of its own between calls."""
 
     def generate_ids(
-        self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int, offset: int = 0
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        params: SamplingParams,
+        seed: int,
+        offset: int = 0,
+        caps: Sequence[int] | None = None,
     ) -> list[list[Completion]]:
         """`params.n` completions for each token-id prompt (every prompt needs at least one token).
 
@@ -60,7 +65,7 @@ class HFSampler:
         if any(len(p) == 0 for p in prompt_ids):
             raise ValueError("every prompt needs at least one token")
         per_call = self.shard_unit(params)
-        budgets = new_token_budgets(prompt_ids, params)
+        budgets = new_token_budgets(prompt_ids, params, caps)
         raw: list[list[tuple[list[int], list[float], list[float]]]] = []
         was_training = self.model.training
         self.model.eval()

@@ -29,12 +29,20 @@ class ShardedSampler:
         return self.generate_ids(self.encode_prompts(prompts), params, seed, offset)
 
     def generate_ids(
-        self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int, offset: int = 0
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        params: SamplingParams,
+        seed: int,
+        offset: int = 0,
+        caps: Sequence[int] | None = None,
     ) -> list[list[Completion]]:
         if offset % self.inner.shard_unit(params):
             raise ValueError("a sharded call must start at a multiple of the sampler's shard unit")
         start, end = self.cluster.bounds(len(prompt_ids), self.inner.shard_unit(params))
-        local = self.inner.generate_ids(prompt_ids[start:end], params, seed, offset + start) if end > start else []
+        local_caps = None if caps is None else caps[start:end]
+        local = []
+        if end > start:
+            local = self.inner.generate_ids(prompt_ids[start:end], params, seed, offset + start, local_caps)
         return self.cluster.gather(local)
 
     def sync_weights(self) -> None:

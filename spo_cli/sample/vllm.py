@@ -214,7 +214,12 @@ class VLLMSampler:
             self._asleep = {"weights", "kv_cache"}
 
     def generate_ids(
-        self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int, offset: int = 0
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        params: SamplingParams,
+        seed: int,
+        offset: int = 0,
+        caps: Sequence[int] | None = None,
     ) -> list[list[Completion]]:
         """`params.n` completions for each token-id prompt (every prompt needs at least one token).
 
@@ -231,7 +236,7 @@ class VLLMSampler:
         if self.max_model_len is not None and (limit is None or limit > self.max_model_len):
             # The engine cannot go past its context (HF generate would, and degrade; vLLM refuses the request).
             limit = self.max_model_len
-        budgets = new_token_budgets(prompt_ids, replace(params, max_total_tokens=limit))
+        budgets = new_token_budgets(prompt_ids, replace(params, max_total_tokens=limit), caps)
         self._wake()
         raw = self._sample(prompt_ids, params, budgets, seed, offset)
         completions: list[list[Completion]] = []

@@ -1,0 +1,148 @@
+"""The tool loop (docs/tools.md#the-tool-loop): a sampler around any other that lets the model run Python.
+
+Generation stops where a code block closes (`markers.code_end`, kept in the response), the sandbox runs every
+closed block of the turn at once, each output is appended between the output markers as tool tokens, and one
+generate call continues every response that is still running. A response gets at most `max_tool_calls` calls and
+`params.max_new_tokens` tokens in all, tool tokens included: a tool output that does not fit is cut and the
+response ends as `length` (unfinished). After its last allowed call a response runs on without tools: a code block
+it closes then is not run, and the response ends there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from spo_cli.sample.base import Completion, Sampler, SamplingParams
+from spo_cli.seeding import derive_seed
+from spo_cli.tools.calls import ToolMarkers, code_to_run, output_block
+
+
+@dataclass
+class _Response:
+    """One response while its turns are sampled."""
+
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    entropies: list[float] = field(default_factory=list)
+    tool_spans: list[tuple[int, int]] = field(default_factory=list)
+    tool_calls: list[str] = field(default_factory=list)
+    finish_reason: str = "length"
+    turn_text: str = ""  # the text of the policy's latest turn
+
+    def extend(self, completion: Completion) -> None:
+        self.tokens += completion.token_ids
+        self.logprobs += completion.logprobs
+        self.entropies += completion.entropies
+        self.finish_reason = completion.finish_reason
+        self.turn_text = completion.text
+
+
+class ToolLoopSampler:
+    """A `Sampler` whose responses may call a sandbox (module docstring). `sandbox` has `run_many(codes)`."""
+
+    def __init__(self, inner: Sampler, tokenizer, sandbox, markers: ToolMarkers, max_tool_calls: int):
+        self.inner = inner
+        self.tokenizer = tokenizer
+        self.sandbox = sandbox
+        self.markers = markers
+        self.max_tool_calls = max_tool_calls
+
+    def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+        return self.inner.encode_prompts(prompts)
+
+    def shard_unit(self, params: SamplingParams) -> int:
+        return self.inner.shard_unit(params)
+
+    def sync_weights(self) -> None:
+        self.inner.sync_weights()
+
+    def sleep(self) -> None:
+        self.inner.sleep()
+
+    def generate(
+        self, prompts: Sequence[str], params: SamplingParams, seed: int, offset: int = 0
+    ) -> list[list[Completion]]:
+        return self.generate_ids(self.encode_prompts(prompts), params, seed, offset)
+
+    def generate_ids(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        params: SamplingParams,
+        seed: int,
+        offset: int = 0,
+        caps: Sequence[int] | None = None,
+    ) -> list[list[Completion]]:
+        """The first turn is one call of the inner sampler (its randomness as without tools); turn t continues the
+        responses still running, in their order, with seed derive_seed(seed, "tool-turn", t) and request index
+        `offset * n` + the response's index among those continued."""
+        with_tools = replace(params, keep_stop=(*params.keep_stop, self.markers.code_end))
+        first = self.inner.generate_ids(prompt_ids, with_tools, seed, offset, caps)
+        groups = [[self._start(list(p), c) for c in group] for p, group in zip(prompt_ids, first)]
+        flat = [r for group in groups for r in group]
+        limits = [params.max_new_tokens if caps is None else min(params.max_new_tokens, caps[i // params.n])
+                  for i in range(len(flat))]  # fmt: skip
+        for turn in range(1, self.max_tool_calls + 1):
+            calling = [i for i, r in enumerate(flat) if self._calls_tool(r)]
+            if not calling:
+                break
+            results = self.sandbox.run_many([code_to_run(flat[i].turn_text, self.markers) for i in calling])
+            running = [i for i, result in zip(calling, results) if self._append_output(flat[i], result, limits[i])]
+            if not running:
+                break
+            # Still stopping at a closed block after the last allowed call: the response ends there, not run.
+            prefixes = [flat[i].prompt + flat[i].tokens for i in running]
+            room = [limits[i] - len(flat[i].tokens) for i in running]
+            turn_seed = derive_seed(seed, "tool-turn", turn)
+            more = self.inner.generate_ids(prefixes, replace(with_tools, n=1), turn_seed, offset * params.n, room)
+            for i, group in zip(running, more):
+                flat[i].extend(group[0])
+        return [[self._finish(r) for r in group] for group in groups]
+
+    # ------------------------------------------------------------------------------------------------ helpers
+
+    def _start(self, prompt: list[int], completion: Completion) -> _Response:
+        response = _Response(prompt)
+        response.extend(completion)
+        return response
+
+    def _calls_tool(self, response: _Response) -> bool:
+        """The latest turn stopped at a closed code block, and calls are left."""
+        return (
+            response.finish_reason == "stop"
+            and len(response.tool_calls) < self.max_tool_calls
+            and self.markers.code_end in response.turn_text
+            and code_to_run(response.turn_text, self.markers) is not None
+        )
+
+    def _append_output(self, response: _Response, result, limit: int) -> bool:
+        """Append the tool's output as tool tokens; False when the response has no room left (it ends there)."""
+        text = self.tokenizer.decode(response.tokens, skip_special_tokens=True)
+        ids = self.tokenizer(output_block(text, result.output, self.markers), add_special_tokens=False)["input_ids"]
+        room = limit - len(response.tokens)
+        ids = ids[: max(0, room)]
+        start = len(response.tokens)
+        response.tokens += ids
+        response.logprobs += [0.0] * len(ids)
+        response.entropies += [0.0] * len(ids)
+        if ids:
+            response.tool_spans.append((start, start + len(ids)))
+        response.tool_calls.append(result.status)
+        response.turn_text = ""
+        if len(response.tokens) >= limit:
+            response.finish_reason = "length"
+            return False
+        return True
+
+    def _finish(self, response: _Response) -> Completion:
+        return Completion(
+            prompt_token_ids=response.prompt,
+            token_ids=response.tokens,
+            text=self.tokenizer.decode(response.tokens, skip_special_tokens=True),
+            finish_reason=response.finish_reason,
+            logprobs=response.logprobs,
+            entropies=response.entropies,
+            tool_spans=response.tool_spans,
+            tool_calls=response.tool_calls,
+        )
