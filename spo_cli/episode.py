@@ -31,11 +31,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from spo_cli.errors import SpoUserError
 from spo_cli.fsutil import atomic_open
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # Version 1 records lack response_entropies, token_advantages and Segment.is_boundary; version 2 records
-# lack response_values and value_targets; version 3 records lack first_error. Their defaults read them correctly,
+# lack response_values and value_targets; version 3 records lack first_error; version 4 records lack tool_spans. Their defaults read them correctly,
 # so older files are accepted.
-READABLE_VERSIONS = (1, 2, 3, 4)
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 
 # float32 log-softmax of a near-certain token can round a few ulps above 0 (a logit of magnitude ~100 has an ulp
 # of ~1e-5); anything above this is a probability above 1, not a rounding error.
@@ -77,7 +77,7 @@ class Episode(BaseModel):
 
     model_config = _RECORD_CONFIG
 
-    schema_version: Literal[1, 2, 3, 4] = SCHEMA_VERSION
+    schema_version: Literal[1, 2, 3, 4, 5] = SCHEMA_VERSION
     id: str = Field(description="Unique id of the episode within a run.")
     group_id: str = Field(description="Id of the prompt; episodes of the same prompt form a group.")
     iteration: int = Field(0, ge=0, description="RL iteration that sampled it (the policy version).")
@@ -95,6 +95,12 @@ class Episode(BaseModel):
         None, description="Entropy (nats) of the sampling distribution at each response token, at the sampling temperature."
     )
     finish_reason: Literal["stop", "length"]
+    tool_spans: list[tuple[int, int]] = Field(
+        default_factory=list,
+        description="[start, end) ranges of response tokens a tool wrote (a sandbox's output in a tool loop): not the "
+        "policy's, so never trained, never a cutpoint or segment start, and left out of entropy and KL metrics; their "
+        "log-probabilities and entropies are 0 placeholders.",
+    )
     reward: float | None = None
     first_error: int | None = Field(
         None,
@@ -142,6 +148,11 @@ class Episode(BaseModel):
                 raise ValueError(f"{name} has {len(values)} entries for {n} response tokens")
         if self.segments is not None:
             check_segments_cover(self.segments, n)
+        previous = 0
+        for start, end in self.tool_spans:
+            if not previous <= start < end <= n:
+                raise ValueError(f"tool_spans must be ordered, non-empty ranges within the {n} response tokens")
+            previous = end
         if self.first_error is not None and self.first_error >= n:
             raise ValueError(f"first_error is token {self.first_error} of a response of {n} tokens")
         return self

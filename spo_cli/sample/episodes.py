@@ -52,6 +52,7 @@ def graded_episodes(
             response_logprobs=c.logprobs,
             response_entropies=c.entropies,
             finish_reason=c.finish_reason,
+            tool_spans=c.tool_spans,
             reward=r,
             first_error=first_error_token(task, tokenizer, p, c.text, c.token_ids) if r < 1.0 else None,
             metadata=dict(metadata[i]) if metadata is not None else {},

@@ -29,7 +29,7 @@ def test_jsonl_round_trip(tmp_path):
     path = tmp_path / "eps.jsonl"
     write_episodes(path, eps)
     assert read_episodes(path) == eps
-    assert json.loads(path.read_text().splitlines()[0])["schema_version"] == 4
+    assert json.loads(path.read_text().splitlines()[0])["schema_version"] == 5
     assert not list(tmp_path.glob(".*tmp*")), "temporary file left behind"
 
 
@@ -99,7 +99,7 @@ def test_version_1_records_still_read(tmp_path):
     assert ep.segments[0].is_boundary and ep.token_advantages is None
     assert token_advantages(ep) == [0.5, 0.5, 0.5]
     write_episodes(tmp_path / "v4.jsonl", [ep])
-    assert json.loads((tmp_path / "v4.jsonl").read_text())["schema_version"] == 4
+    assert json.loads((tmp_path / "v4.jsonl").read_text())["schema_version"] == 5
 
 
 def test_token_advantages_take_precedence_over_segments():
@@ -113,3 +113,18 @@ def test_first_error_is_a_token_of_the_response():
     assert make_episode(first_error=2).first_error == 2
     with pytest.raises(ValueError, match="first_error is token 3 of a response of 3 tokens"):
         make_episode(first_error=3)
+
+
+def test_tool_spans_round_trip_and_are_checked(tmp_path):
+    import pydantic
+
+    from spo_cli.episode import Episode, read_episodes, write_episodes
+
+    base = dict(id="e", group_id="g", prompt="p", response="r", prompt_token_ids=[1], response_token_ids=[2, 3, 4, 5],
+                finish_reason="stop")  # fmt: skip
+    episode = Episode(**base, tool_spans=[(1, 3)])
+    write_episodes(tmp_path / "e.jsonl", [episode])
+    assert read_episodes(tmp_path / "e.jsonl")[0].tool_spans == [(1, 3)]
+    for bad in ([(3, 1)], [(0, 5)], [(2, 3), (1, 2)], [(2, 2)]):
+        with pytest.raises(pydantic.ValidationError, match="tool_spans"):
+            Episode(**base, tool_spans=bad)
