@@ -158,6 +158,14 @@ class Episode(BaseModel):
         return self
 
 
+def policy_token_mask(episode: Episode) -> list[float]:
+    """1.0 for each response token the policy sampled, 0.0 for each a tool wrote (`tool_spans`)."""
+    mask = [1.0] * len(episode.response_token_ids)
+    for start, end in episode.tool_spans:
+        mask[start:end] = [0.0] * (end - start)
+    return mask
+
+
 def check_segments_cover(segments: Sequence[Segment], length: int) -> None:
     """Raise ValueError unless the segments are contiguous, non-empty and cover [0, length)."""
     pos = 0

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 
-from spo_cli.episode import Episode, token_advantages
+from spo_cli.episode import Episode, policy_token_mask, token_advantages
 from spo_cli.hardware import Runtime
 from spo_cli.estimate.critic.loss import critic_loss, step_critic
 from spo_cli.optimize.loss import LossInputs, LossOutputs, masked_whiten, ppo_clip_loss
@@ -25,10 +25,11 @@ if TYPE_CHECKING:
 
 
 def trained_token_count(episode: Episode, prob_mask_rho: float | None) -> int:
-    """Response tokens the loss trains on (all of them, or those with p_old < rho)."""
+    """Response tokens the loss trains on: the policy's (not a tool's), all of them or those with p_old < rho."""
+    policy = policy_token_mask(episode)
     if prob_mask_rho is None:
-        return len(episode.response_token_ids)
-    return sum(1 for lp in episode.response_logprobs if math.exp(lp) < prob_mask_rho)
+        return int(sum(policy))
+    return sum(1 for lp, mine in zip(episode.response_logprobs, policy) if mine and math.exp(lp) < prob_mask_rho)
 
 
 def select_trainable(episodes: Sequence[Episode], loss: PpoClip, train_critic: bool = False) -> list[Episode]:
@@ -199,7 +200,11 @@ def _train_micro_batch(
         batch = batch.to(runtime.device)
         with runtime.autocast():
             logprobs, entropy = forward_logprobs(learner.model, batch, temperature, with_entropy=True)
-        out = _policy_loss(batch, logprobs, inputs, micro.indices, mini, loss)
+        # The policy's tokens only: a tool's output is neither trained nor counted in the entropy.
+        mask = batch.response_mask
+        if any(ep.tool_spans for ep in episodes):
+            mask = mask * batch.scatter([policy_token_mask(ep) for ep in episodes])
+        out = _policy_loss(batch, logprobs, mask, inputs, micro.indices, mini, loss)
         skipped = loss.skip_ratio_above is not None and out.metrics["ratio_mean"] > loss.skip_ratio_above
         # The reference drops a micro-batch whose policy has drifted too far (ratio explosion)
         # but still runs backward, so every rank does the same collective work.
@@ -212,15 +217,16 @@ def _train_micro_batch(
         # mini-batch, so the sum over processes is the loss: undo the average.
         learner.backward(total * learner.cluster.world_size)
     if micro.real:
-        sums.add(out, value_metrics, skipped, entropy, batch.response_mask)
+        sums.add(out, value_metrics, skipped, entropy, mask)
 
 
-def _policy_loss(batch, logprobs, inputs: UpdateInputs, indices: list[int], mini: MiniBatch, loss: PpoClip) -> LossOutputs:
-    """PPO-clip of one micro-batch: its advantages (whitened if asked), pi_old and reference log-probs laid out
-    like `logprobs`."""
+def _policy_loss(
+    batch, logprobs, mask, inputs: UpdateInputs, indices: list[int], mini: MiniBatch, loss: PpoClip
+) -> LossOutputs:
+    """PPO-clip of one micro-batch over the tokens of `mask`: its advantages (whitened if asked), pi_old and
+    reference log-probs laid out like `logprobs`."""
     adv = batch.scatter([inputs.advantages[i] for i in indices])
     old = batch.scatter([inputs.episodes[i].response_logprobs for i in indices])
-    mask = batch.response_mask
     rho = inputs.rho
     if loss.whiten_advantages:
         keep = mask if rho is None else mask * (old.exp() < rho)
