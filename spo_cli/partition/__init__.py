@@ -16,7 +16,7 @@ from spo_cli.partition.cutpoint import cutpoint_boundaries
 from spo_cli.partition.entropy import entropy_boundaries
 from spo_cli.partition.fixed_count import fixed_count_boundaries
 from spo_cli.partition.fixed_tokens import fixed_tokens_boundaries
-from spo_cli.partition.spans import segments_from_boundaries
+from spo_cli.partition.spans import off_tool_spans, segments_from_boundaries
 from spo_cli.partition.step import step_boundaries, step_char_starts
 from spo_cli.partition.whole import whole_boundaries
 from spo_cli.recipe import Cutpoint, Entropy, FixedCount, FixedTokens, PartitionerSpec, Step, Whole
@@ -42,7 +42,16 @@ def needs_logprobs(spec: PartitionerSpec) -> bool:
 
 
 def boundaries_for(episodes: Sequence[Episode], spec: PartitionerSpec, tokenizer=None) -> list[list[int]]:
-    """The boundaries of every episode's response under `spec` (the one place a kind maps to code)."""
+    """The boundaries of every episode's response under `spec`, none inside a tool's output."""
+    found = _boundaries_of_kind(episodes, spec, tokenizer)
+    return [
+        off_tool_spans(bounds, ep.tool_spans, len(ep.response_token_ids)) if ep.tool_spans else bounds
+        for ep, bounds in zip(episodes, found)
+    ]
+
+
+def _boundaries_of_kind(episodes: Sequence[Episode], spec: PartitionerSpec, tokenizer=None) -> list[list[int]]:
+    """The boundaries `spec` finds in every episode's response (the one place a kind maps to code)."""
     lengths = [len(ep.response_token_ids) for ep in episodes]
     match spec:
         case Whole():

@@ -43,3 +43,29 @@ def segments_from_boundaries(boundaries: Sequence[int], length: int) -> list[tup
     ends = [*boundaries[1:], length]
     spans.extend((start, end, True) for start, end in zip(boundaries, ends))
     return spans
+
+
+def off_tool_spans(boundaries: Sequence[int], tool_spans: Sequence[tuple[int, int]], length: int) -> list[int]:
+    """Boundaries moved out of the tokens a tool wrote: a segment never starts inside a tool's output (the state
+    there is not one the policy chose); one inside ``[s, e)`` moves to ``e``, the policy's next token, and is
+    dropped when the output ends the response or another boundary is already there.
+
+    Args:
+        boundaries (Sequence[int]): strictly increasing token indices in ``[0, length)``, shape ``[K]``.
+        tool_spans (Sequence[tuple[int, int]]): ordered, disjoint half-open token ranges.
+        length (int): number of response tokens.
+
+    Returns:
+        list[int]: strictly increasing indices in ``[0, length)``, none inside a tool span, at most ``K`` of them.
+        Examples: ``([0, 4, 7], [(3, 6)], 9) -> [0, 6, 7]``; ``([2, 3], [(1, 4)], 9) -> [4]``;
+        ``([5], [(4, 9)], 9) -> []``.
+    """
+    moved = []
+    for b in boundaries:
+        for start, end in tool_spans:
+            if start <= b < end:
+                b = end
+                break
+        if b < length and (not moved or moved[-1] < b):
+            moved.append(b)
+    return moved

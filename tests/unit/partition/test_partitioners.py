@@ -394,3 +394,32 @@ def test_spans_boundary_at_zero_has_no_leading_region():
 def test_spans_reject_invalid_boundaries(boundaries, length):
     with pytest.raises(ValueError):
         segments_from_boundaries(boundaries, length)
+
+
+@pytest.mark.parametrize(
+    "boundaries,tool_spans,length,expected",
+    [
+        ([0, 4, 7], [(3, 6)], 9, [0, 6, 7]),  # 4 is inside the output: moved to 6
+        ([2, 3], [(1, 4)], 9, [4]),  # both move to 4: one boundary
+        ([5], [(4, 9)], 9, []),  # the output ends the response: no policy token to open a segment
+        ([0, 3, 6], [(3, 6)], 9, [0, 6]),  # a boundary at the output's end stays where it is
+        ([1, 8], [(2, 4), (6, 8)], 9, [1, 8]),  # outside every span: unchanged
+    ],
+)
+def test_boundaries_move_out_of_tool_outputs(boundaries, tool_spans, length, expected):
+    from spo_cli.partition.spans import off_tool_spans
+
+    assert off_tool_spans(boundaries, tool_spans, length) == expected
+
+
+def test_no_partitioner_opens_a_segment_inside_a_tool_output():
+    from spo_cli.episode import Episode
+    from spo_cli.partition import partition_episodes
+    from spo_cli.recipe import FixedTokens
+
+    episode = Episode(id="e", group_id="g", prompt="p", response="r", prompt_token_ids=[1],
+                      response_token_ids=list(range(10)), response_logprobs=[-1.0] * 10, finish_reason="stop",
+                      tool_spans=[(2, 7)])  # fmt: skip
+    (parted,) = partition_episodes([episode], FixedTokens(segment_tokens=3))
+    # fixed 3-token segments would start at 0, 3, 6, 9: 3 and 6 fall in the tool's output and both move to 7
+    assert [(s.start, s.end) for s in parted.segments] == [(0, 7), (7, 9), (9, 10)]
