@@ -492,6 +492,51 @@ class Vllm(Section):
     )
 
 
+class LocalSandbox(Section):
+    """Model-written code runs on this machine, each call in fresh namespaces with resource limits
+    (docs/tools.md#the-local-sandbox)."""
+
+    kind: Literal["local"] = "local"
+    python: str | None = Field(
+        None, description="Python interpreter that runs the code (its packages are what the code can import); "
+        "default: the one running spo."
+    )
+    workers: int = Field(4, ge=1, le=256, description="Calls run at once.")
+
+
+class SandboxFusion(Section):
+    """Model-written code runs on a SandboxFusion-compatible HTTP service (docs/tools.md#a-remote-sandbox)."""
+
+    kind: Literal["sandbox_fusion"] = "sandbox_fusion"
+    url: str = Field(description="Base URL of the service (its POST /run_code endpoint is called).")
+    workers: int = Field(16, ge=1, le=1024, description="Requests in flight at once.")
+    retries: int = Field(3, ge=0, le=20, description="Retries of a call the service failed (exponential backoff).")
+
+
+SandboxSpec = kind_union(LocalSandbox, SandboxFusion, default="local")
+
+
+class Tools(Section):
+    """Tool-integrated rollouts: the model's Python runs in a sandbox and its output is appended to the response
+    (docs/tools.md). Tool output tokens are never trained, never segment starts, and count against the response's
+    token budget."""
+
+    max_tool_calls: int = Field(8, ge=1, le=1024, description="Most code blocks run per response.")
+    code_start: str = Field("<code>", min_length=1, description="Marker that opens a code block.")
+    code_end: str = Field("</code>", min_length=1, description="Marker that closes it: generation stops here.")
+    output_start: str = Field("<interpreter>", min_length=1, description="Marker before a tool output.")
+    output_end: str = Field("</interpreter>", min_length=1, description="Marker after it.")
+    wall_seconds: float = Field(10.0, gt=0, le=3600, description="Wall-clock limit of one call.")
+    cpu_seconds: float = Field(10.0, gt=0, le=3600, description="CPU-time limit of one call.")
+    memory_mb: int = Field(1024, ge=16, le=1 << 20, description="Address-space limit of one call (MiB).")
+    output_bytes: int = Field(4096, ge=16, le=1 << 24, description="Output shown to the model; more is cut.")
+    disk_mb: int = Field(64, ge=1, le=1 << 20, description="Size of the call's working directory (MiB).")
+    open_files: int = Field(64, ge=8, le=1 << 16, description="Open-file limit of one call.")
+    processes: int = Field(32, ge=1, le=1 << 16, description="Process limit of one call (a pids cgroup, where one "
+                           "can be made).")  # fmt: skip
+    sandbox: SandboxSpec = Field(default_factory=LocalSandbox, description="Where the code runs.")
+
+
 class Sampling(Section):
     """How responses are sampled for training."""
 
@@ -529,6 +574,7 @@ class Sampling(Section):
         "(the SPO reference drops it: set false to match).",
     )
     vllm: Vllm = Field(default_factory=Vllm, description="vLLM engine settings (backend: vllm).")
+    tools: Tools | None = Field(None, description="Let the model run Python while it answers; null: no tools.")
 
 
 # ----------------------------------------------------------------------------------------- partition
@@ -1223,6 +1269,12 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
+        if self.sampling.tools is not None and isinstance(self.estimator, McTree):
+            raise ValueError(
+                "sampling.tools with estimator.kind=mc_tree: the tree expands fixed token counts, which would cut a "
+                "tool's output between two nodes and let the policy write the rest of it; use mc_chain, vineppo, "
+                "group or single_stream with tools"
+            )
         if self.sampling.backend == "vllm":
             vllm = self.sampling.vllm
             if vllm.logprobs_source == "engine" and (self.sampling.top_p < 1 or self.sampling.top_k > 0):

@@ -150,7 +150,9 @@ def build_run(
         policy, ref_model = _with_lora(recipe, policy, checkpoint, warm_start_dir, console)
     learner = _build_learner(recipe, policy.model, accelerator, cluster, deepspeed_config, checkpoint)
     model = learner.inference_model
-    sampler = build_sampler(recipe.sampling, model, policy.tokenizer, runtime, cluster=cluster, seed=recipe.run.seed)
+    sampler = build_sampler(
+        recipe.sampling, model, policy.tokenizer, runtime, cluster=cluster, seed=recipe.run.seed, log=console.print
+    )
     max_context = _max_context(model)
     method.start(Rollouts(sampler, sampling_params(recipe.sampling, task.stop, max_context), model, max_context))
     # Resuming drops the records of iterations after the checkpoint: they are about to be redone.

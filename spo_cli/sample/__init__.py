@@ -56,11 +56,14 @@ def check_backend_installed(spec: Sampling) -> None:
         )
 
 
-def build_sampler(spec: Sampling, model, tokenizer, runtime: Runtime, *, cluster=None, seed: int = 0) -> Sampler:
+def build_sampler(
+    spec: Sampling, model, tokenizer, runtime: Runtime, *, cluster=None, seed: int = 0, log=None
+) -> Sampler:
     """The recipe's sampling backend over `model` (the policy module it samples and, for vLLM, scores with).
 
+    With `spec.tools` the backend runs inside the tool loop (`log`, if given, is told how the sandbox is isolated).
     With several processes (`cluster`) every call is split between them and the results gathered: each process
-    samples its share of the requests and every process returns all of them.
+    samples its share of the requests, tool calls included, and every process returns all of them.
     """
     match spec.backend:
         case "hf":
@@ -73,6 +76,16 @@ def build_sampler(spec: Sampling, model, tokenizer, runtime: Runtime, *, cluster
             sampler = VLLMSampler(model, tokenizer, runtime, spec.vllm, seed=seed, cluster=cluster)
         case _:
             raise AssertionError(f"unhandled sampling backend {spec.backend!r}")
+    if spec.tools is not None:
+        from spo_cli.sample.tools import ToolLoopSampler, build_sandbox
+        from spo_cli.tools.calls import ToolMarkers
+
+        tools = spec.tools
+        sandbox = build_sandbox(tools)
+        if log is not None:
+            log(f"tools: up to {tools.max_tool_calls} Python calls per response; sandbox: {sandbox.isolation}")
+        markers = ToolMarkers(tools.code_start, tools.code_end, tools.output_start, tools.output_end)
+        sampler = ToolLoopSampler(sampler, tokenizer, sandbox, markers, tools.max_tool_calls)
     if cluster is not None and cluster.world_size > 1:
         return ShardedSampler(sampler, cluster)
     return sampler

@@ -39,6 +39,27 @@ class _Response:
         self.turn_text = completion.text
 
 
+def build_sandbox(tools):
+    """The sandbox of the recipe's `sampling.tools` section (the one place its `sandbox.kind` maps to code)."""
+    from spo_cli.recipe import LocalSandbox as LocalSpec
+    from spo_cli.recipe import SandboxFusion as RemoteSpec
+    from spo_cli.tools.remote import RemoteSandbox
+    from spo_cli.tools.sandbox import LocalSandbox, SandboxLimits
+
+    limits = SandboxLimits(
+        wall_seconds=tools.wall_seconds, cpu_seconds=tools.cpu_seconds, memory_mb=tools.memory_mb,
+        output_bytes=tools.output_bytes, disk_mb=tools.disk_mb, open_files=tools.open_files,
+        processes=tools.processes,
+    )  # fmt: skip
+    match tools.sandbox:
+        case LocalSpec():
+            return LocalSandbox(limits, python=tools.sandbox.python, workers=tools.sandbox.workers)
+        case RemoteSpec():
+            spec = tools.sandbox
+            return RemoteSandbox(spec.url, limits, workers=spec.workers, retries=spec.retries)
+    raise AssertionError(f"unhandled sandbox kind {tools.sandbox.kind!r}")
+
+
 class ToolLoopSampler:
     """A `Sampler` whose responses may call a sandbox (module docstring). `sandbox` has `run_many(codes)`."""
 
@@ -87,7 +108,7 @@ class ToolLoopSampler:
             calling = [i for i, r in enumerate(flat) if self._calls_tool(r)]
             if not calling:
                 break
-            results = self.sandbox.run_many([code_to_run(flat[i].turn_text, self.markers) for i in calling])
+            results = self.sandbox.run_many([self._code(flat[i]) for i in calling])
             running = [i for i, result in zip(calling, results) if self._append_output(flat[i], result, limits[i])]
             if not running:
                 break
@@ -113,8 +134,14 @@ class ToolLoopSampler:
             response.finish_reason == "stop"
             and len(response.tool_calls) < self.max_tool_calls
             and self.markers.code_end in response.turn_text
-            and code_to_run(response.turn_text, self.markers) is not None
+            and self._code(response) is not None
         )
+
+    def _code(self, response: _Response) -> str | None:
+        """The block the latest turn closed. It may have opened before this call's response: a Monte Carlo rollout
+        continues a prefix that ends inside a code block, which is part of its prompt here."""
+        text = self.tokenizer.decode(response.prompt + response.tokens, skip_special_tokens=True)
+        return code_to_run(text, self.markers)
 
     def _append_output(self, response: _Response, result, limit: int) -> bool:
         """Append the tool's output as tool tokens; False when the response has no room left (it ends there)."""

@@ -247,3 +247,18 @@ def test_step_openers_refuse_what_would_break_a_solution_line(tmp_path):
     for bad in ["So\n", "3 ", "# "]:
         with pytest.raises(SpoUserError, match=r"task\.step_openers\.0"):
             parse_recipe({"model": {"kind": "tiny"}, "task": {"kind": "arith", "step_openers": [bad]}})
+
+
+def test_a_tools_section_validates_and_names_its_fields(tmp_path):
+    tools = "  tools:\n    max_tool_calls: 4\n    sandbox: {kind: sandbox_fusion, url: 'http://sandbox:8080'}\n"
+    recipe = load_recipe(_write(tmp_path, GOOD + tools))
+    assert recipe.sampling.tools.max_tool_calls == 4 and recipe.sampling.tools.sandbox.url == "http://sandbox:8080"
+    assert load_recipe(_write(tmp_path, GOOD + "  tools: {}\n")).sampling.tools.sandbox.kind == "local"
+    bad = _write(tmp_path, GOOD + "  tools:\n    wall_seconds: 0\n")
+    assert "sampling.tools.wall_seconds" in str(pytest.raises(SpoUserError, load_recipe, bad).value)
+
+
+def test_tools_with_spo_tree_are_refused_with_the_reason(tmp_path):
+    tree = GOOD + "  tools: {}\nestimator:\n  kind: mc_tree\n"
+    msg = str(pytest.raises(SpoUserError, load_recipe, _write(tmp_path, tree)).value)
+    assert "sampling.tools with estimator.kind=mc_tree" in msg and "cut a tool's output" in msg

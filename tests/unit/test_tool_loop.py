@@ -99,3 +99,12 @@ def test_responses_without_calls_are_untouched(tokenizer, sandbox):
     (group,) = sampler.generate_ids([[65]], SamplingParams(n=3, max_new_tokens=50), seed=0)
     assert all(c.text == "just #### 4" and c.tool_spans == [] for c in group)
     assert len(policy.calls) == 1
+
+
+def test_a_rollout_from_inside_a_code_block_runs_it(tokenizer, sandbox):
+    # A Monte Carlo state can end inside a code block: its rollout closes the block and the call runs.
+    sampler, _ = loop(tokenizer, sandbox, ["*3)</code>", "then #### 21"])
+    prefix = tokenizer("Q? <code>print(7", add_special_tokens=False)["input_ids"]
+    (group,) = sampler.generate_ids([prefix], SamplingParams(n=1, max_new_tokens=100), seed=0)
+    (c,) = group
+    assert c.tool_calls == ["ok"] and c.text == "*3)</code>\n<interpreter>\n21\n</interpreter>\nthen #### 21"
