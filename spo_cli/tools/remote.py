@@ -67,7 +67,8 @@ class RemoteSandbox:
         except urllib.error.HTTPError as exc:
             if exc.code in RETRIED_HTTP:
                 return None, f"HTTP {exc.code}"
-            raise SpoUserError(f"the sandbox service at {self.url} refused the call (HTTP {exc.code}): check its URL") from None
+            problem = f"the sandbox service at {self.url} refused the call (HTTP {exc.code}): check its URL"
+            raise SpoUserError(problem) from None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
             return None, str(getattr(exc, "reason", exc))
         if reply.get("status") == "SandboxError":
@@ -76,13 +77,18 @@ class RemoteSandbox:
 
     def _result(self, reply: dict) -> tuple[str, str]:
         run = reply.get("run_result") or {}
-        text = (run.get("stdout") or "") + (run.get("stderr") or "")
-        encoded = text.encode()
-        if len(encoded) > self.limits.output_bytes:
-            text = encoded[: self.limits.output_bytes].decode("utf-8", "ignore")
-            return text + f"\n[output cut at {self.limits.output_bytes} bytes]", "output_limit"
+        text = head_and_tail(((run.get("stdout") or "") + (run.get("stderr") or "")).encode(), self.limits.output_bytes)
         if run.get("status") == "TimeLimitExceeded":
             return text + f"\nTimeoutError: stopped after {self.limits.wall_seconds:g} s", "timeout"
         if run.get("return_code", 1) != 0 or reply.get("status") != "Success":
             return text, "error"
         return text, "ok"
+
+
+def head_and_tail(data: bytes, cap: int) -> str:
+    """`data` as text, its middle cut so that its first and last cap / 2 bytes remain (as the local sandbox does)."""
+    if len(data) <= cap:
+        return data.decode("utf-8", "replace")
+    half = cap // 2
+    head, tail = data[:half].decode("utf-8", "replace"), data[len(data) - (cap - half) :].decode("utf-8", "replace")
+    return f"{head}\n[... {len(data) - cap} bytes of output cut ...]\n{tail}"

@@ -31,7 +31,9 @@ from pathlib import Path
 from spo_cli.tools.sandbox_child import SETUP_FAILED
 
 CHILD = Path(__file__).with_name("sandbox_child.py")
-UNSHARE = ["unshare", "--user", "--map-root-user", "--mount", "--pid", "--net", "--fork", "--kill-child", "--mount-proc"]
+UNSHARE = ["unshare", "--user", "--map-root-user", "--mount", "--pid", "--net", "--fork", "--kill-child",
+           "--mount-proc"]
+FLOOD_FACTOR = 16  # output beyond this many times output_bytes stops the program (it is only cut before that)
 WORKDIR_SHOWN = "/sandbox"  # what the model sees as its working directory's path (tracebacks, os.getcwd())
 CGROUP_ROOTS = (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup"))  # cgroup v1's pids hierarchy, then v2
 
@@ -52,8 +54,9 @@ class SandboxLimits:
 @dataclass(frozen=True)
 class ToolResult:
     """One call's outcome. `status`: ok, error (a non-zero exit or a signal), timeout (wall-clock or CPU time),
-    output_limit (printed more than allowed) or sandbox_error (the sandbox itself could not start: never the
-    code's fault). `output` is what the model is shown: stdout and stderr interleaved, then a line on any limit."""
+    output_limit (printed so much that it was stopped) or sandbox_error (the sandbox itself could not start: never
+    the code's fault). `output` is what the model is shown: stdout and stderr interleaved, its middle cut to
+    `output_bytes` when longer (head and tail kept), then a line on any limit."""
 
     output: str
     status: str
@@ -127,7 +130,7 @@ class LocalSandbox:
             process.stdin.close()
         except BrokenPipeError:  # it exited before reading the code: its output says why
             pass
-        finished = reader.done.wait(self.limits.wall_seconds) and not reader.over_cap
+        finished = reader.done.wait(self.limits.wall_seconds) and not reader.flooded
         if not finished:
             _kill_tree(process)
         _, status, usage = os.wait4(process.pid, 0)
@@ -135,8 +138,9 @@ class LocalSandbox:
         cpu_seconds = usage.ru_utime + usage.ru_stime  # unshare's, with the namespace's init it waited for
         reader.done.wait()
         text = reader.text().replace(str(workdir), WORKDIR_SHOWN)  # the same text for the same code, every call
-        if reader.over_cap:
-            return text + f"\n[output cut at {self.limits.output_bytes} bytes; the program was stopped]", "output_limit"
+        if reader.flooded:
+            limit = FLOOD_FACTOR * self.limits.output_bytes
+            return text + f"\n[the program printed more than {limit} bytes and was stopped]", "output_limit"
         if not finished:
             return text + f"\nTimeoutError: stopped after {self.limits.wall_seconds:g} s of wall-clock time", "timeout"
         if returncode == SETUP_FAILED and "sandbox setup failed" in text:
@@ -174,30 +178,40 @@ class LocalSandbox:
 
 
 class _CappedReader:
-    """Reads a pipe to its end on a thread, keeping at most `cap` bytes; `over_cap` once more arrived."""
+    """Reads a pipe to its end on a thread, keeping its first and last `cap / 2` bytes (a traceback's last line is
+    what matters); `flooded` once more than FLOOD_FACTOR * cap bytes arrived, when the caller stops the program."""
 
     def __init__(self, pipe, cap: int):
         self.pipe, self.cap = pipe, cap
-        self.chunks: list[bytes] = []
+        self.head = bytearray()
+        self.tail = bytearray()
         self.size = 0
-        self.over_cap = False
+        self.flooded = False
         self.done = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
+        half = self.cap // 2
         try:
             while chunk := self.pipe.read1(65536):
-                keep = chunk[: max(0, self.cap - self.size)]
-                self.chunks.append(keep)
-                self.size += len(keep)
-                if len(keep) < len(chunk):
-                    self.over_cap = True
+                self.size += len(chunk)
+                room = half - len(self.head)
+                if room > 0:
+                    self.head += chunk[:room]
+                    chunk = chunk[room:]
+                self.tail = (self.tail + chunk)[-(self.cap - half) :]
+                if self.size > FLOOD_FACTOR * self.cap and not self.flooded:
+                    self.flooded = True
                     self.done.set()  # the caller kills the tree; the pipe then ends
         finally:
             self.done.set()
 
     def text(self) -> str:
-        return b"".join(self.chunks).decode("utf-8", "replace")
+        if self.size <= self.cap:
+            return bytes(self.head + self.tail).decode("utf-8", "replace")
+        cut = self.size - len(self.head) - len(self.tail)
+        head, tail = bytes(self.head).decode("utf-8", "replace"), bytes(self.tail).decode("utf-8", "replace")
+        return f"{head}\n[... {cut} bytes of output cut ...]\n{tail}"
 
 
 def _kill_tree(process: subprocess.Popen) -> None:

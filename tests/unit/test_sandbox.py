@@ -56,9 +56,17 @@ def test_memory_beyond_the_limit_is_a_memory_error(sandbox):
 
 def test_a_gigabyte_of_output_is_cut_and_the_program_stopped(sandbox):
     result = sandbox.run("line = 'x' * 999\nfor _ in range(1_000_000):\n    print(line)")
-    assert result.status == "output_limit", "stopped at the cap, not at the time limits"
+    assert result.status == "output_limit", "stopped by the flood of output, not at the time limits"
     assert len(result.output.encode()) < LIMITS.output_bytes + 200
-    assert "output cut at 2000 bytes" in result.output
+    assert "bytes of output cut" in result.output and "printed more than 32000 bytes and was stopped" in result.output
+
+
+def test_long_output_keeps_its_head_and_its_tail(sandbox):
+    result = sandbox.run("print('start')\nfor i in range(1000):\n    print(i)\nraise ValueError('the last line')")
+    assert result.status == "error", "the program ended by itself: only its output was cut"
+    assert result.output.startswith("start\n0\n1\n") and "bytes of output cut" in result.output
+    assert result.output.rstrip().endswith("ValueError: the last line")
+    assert len(result.output.encode()) < LIMITS.output_bytes + 100
 
 
 def test_a_crash_by_signal_is_reported(sandbox):
