@@ -87,12 +87,14 @@ def _supervised_warm_start(recipe: Recipe, run_dir: Path, task: Task, runtime, c
     """Train the recipe's warm start and publish it, with the record of its settings, as <run_dir>/warm_start."""
     from spo_cli.models import save_model
     from spo_cli.sft import run_sft
+    from spo_cli.tools.calls import tool_markers
 
     policy = initial_policy(recipe)
     policy.model.to(runtime.device)
     spec = recipe.warm_start
     console.print(f"warm start: supervised fine-tuning for {spec.steps} steps")
-    stats = run_sft(policy.model, policy.tokenizer, task, spec, runtime, recipe.run.seed, console.print)
+    stats = run_sft(policy.model, policy.tokenizer, task, spec, runtime, recipe.run.seed, console.print,
+                    markers=tool_markers(recipe.sampling.tools))  # fmt: skip
     staging = run_dir / f".{WARM_START_DIR}.partial"
     save_model(policy.model, policy.tokenizer, staging)
     (staging / "sft_stats.json").write_text(json.dumps(stats, indent=2))

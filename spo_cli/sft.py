@@ -14,14 +14,29 @@ from spo_cli.policy import collate, forward_logprobs
 from spo_cli.recipe import Sft
 from spo_cli.tasks import Task, apply_template
 from spo_cli.seeding import derive_seed
+from spo_cli.tools.calls import ToolMarkers, split_tool_outputs
 
 
-def encode_examples(tokenizer, task: Task, problems) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids of (prompt, solution + EOS) pairs; the loss covers the solution and the EOS."""
+def encode_examples(
+    tokenizer, task: Task, problems, markers: ToolMarkers | None = None
+) -> tuple[list[list[int]], list[list[int]], list[list[float]]]:
+    """Token ids of (prompt, solution + EOS) pairs and the loss mask of each solution token: the solution and the
+    EOS, except the tool outputs of a solution with calls (`markers`), which are tokenized apart as the tool loop
+    tokenizes them and left out of the loss."""
     prompts = [apply_template(tokenizer, task.format_prompt(p.question), task.use_chat_template) for p in problems]
     prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-    solution_ids = tokenizer([p.solution for p in problems], add_special_tokens=False)["input_ids"]
-    return prompt_ids, [ids + [tokenizer.eos_token_id] for ids in solution_ids]
+    solution_ids, masks = [], []
+    for problem in problems:
+        pieces = split_tool_outputs(problem.solution, markers) if markers else [(problem.solution, False)]
+        ids: list[int] = []
+        mask: list[float] = []
+        for text, by_tool in pieces:
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            mask += [0.0 if by_tool else 1.0] * len(piece)
+        solution_ids.append(ids + [tokenizer.eos_token_id])
+        masks.append(mask + [1.0])
+    return prompt_ids, solution_ids, masks
 
 
 def run_sft(
@@ -32,8 +47,10 @@ def run_sft(
     runtime: Runtime,
     seed: int,
     log: Callable[[str], None] = print,
+    markers: ToolMarkers | None = None,
 ) -> dict[str, float]:
-    """Train `model` in place for `spec.steps` AdamW steps; return final metrics."""
+    """Train `model` in place for `spec.steps` AdamW steps; return final metrics. With `markers` (the recipe's
+    tools), the tool outputs in the worked solutions are not trained."""
     if task.sft_examples is None:
         raise ValueError(f"task {task.name!r} has no worked solutions to warm-start from; use warm_start.kind: none")
     rng = random.Random(derive_seed(seed, "sft"))
@@ -50,11 +67,13 @@ def run_sft(
     model.train()
     start, recent = time.perf_counter(), []
     for step in range(1, spec.steps + 1):
-        prompt_ids, response_ids = encode_examples(tokenizer, task, task.sft_examples(rng, spec.batch_size))
+        examples = task.sft_examples(rng, spec.batch_size)
+        prompt_ids, response_ids, masks = encode_examples(tokenizer, task, examples, markers)
         batch = collate(prompt_ids, response_ids, tokenizer.pad_token_id).to(runtime.device)
+        mask = batch.response_mask * batch.scatter(masks)
         with runtime.autocast():
             logprobs, _ = forward_logprobs(model, batch, temperature=1.0)
-        loss = -(logprobs * batch.response_mask).sum() / batch.response_mask.sum()
+        loss = -(logprobs * mask).sum() / mask.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
         optimizer.step()

@@ -78,14 +78,13 @@ def build_sampler(
             raise AssertionError(f"unhandled sampling backend {spec.backend!r}")
     if spec.tools is not None:
         from spo_cli.sample.tools import ToolLoopSampler, build_sandbox
-        from spo_cli.tools.calls import ToolMarkers
+        from spo_cli.tools.calls import tool_markers
 
         tools = spec.tools
         sandbox = build_sandbox(tools)
         if log is not None:
             log(f"tools: up to {tools.max_tool_calls} Python calls per response; sandbox: {sandbox.isolation}")
-        markers = ToolMarkers(tools.code_start, tools.code_end, tools.output_start, tools.output_end)
-        sampler = ToolLoopSampler(sampler, tokenizer, sandbox, markers, tools.max_tool_calls)
+        sampler = ToolLoopSampler(sampler, tokenizer, sandbox, tool_markers(tools), tools.max_tool_calls)
     if cluster is not None and cluster.world_size > 1:
         return ShardedSampler(sampler, cluster)
     return sampler

@@ -22,6 +22,13 @@ class ToolMarkers:
     output_end: str = "</interpreter>"
 
 
+def tool_markers(tools) -> ToolMarkers | None:
+    """The markers of a recipe's `sampling.tools` section (None without tools)."""
+    if tools is None:
+        return None
+    return ToolMarkers(tools.code_start, tools.code_end, tools.output_start, tools.output_end)
+
+
 def code_to_run(text: str, markers: ToolMarkers) -> str | None:
     """The code of the call that `text` (a response so far, stopped at `markers.code_end`) closes: what lies
     between the last `code_start` and the last `code_end`, without a surrounding ``` fence. The token that
@@ -45,3 +52,28 @@ def output_block(text_so_far: str, output: str, markers: ToolMarkers) -> str:
     separator = "" if text_so_far.endswith("\n") else "\n"
     body = output if output.endswith("\n") or not output else output + "\n"
     return f"{separator}{markers.output_start}\n{body}{markers.output_end}\n"
+
+
+def split_tool_outputs(text: str, markers: ToolMarkers) -> list[tuple[str, bool]]:
+    """`text` (a worked solution with calls) as (piece, written_by_a_tool) pieces, cut where the tool loop would
+    have appended each output: an output block is `output_block`'s text, starting with the newline it adds when
+    the policy's text before it (a call's `code_end`) does not end with one. Tokenizing the pieces one by one gives
+    the tokens the loop produces, so a warm start trains on what sampling will show."""
+    pieces: list[tuple[str, bool]] = []
+    position = 0
+    while (start := text.find(markers.output_start, position)) >= 0:
+        end = text.find(markers.output_end, start + len(markers.output_start))
+        if end < 0:
+            break
+        end += len(markers.output_end)
+        if text.startswith("\n", end):
+            end += 1
+        if start > 0 and text[start - 1] == "\n" and text[:start - 1].endswith(markers.code_end):
+            start -= 1
+        if start > position:
+            pieces.append((text[position:start], False))
+        pieces.append((text[start:end], True))
+        position = end
+    if position < len(text):
+        pieces.append((text[position:], False))
+    return pieces

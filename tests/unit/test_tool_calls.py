@@ -39,3 +39,35 @@ def test_output_block_on_lines_of_its_own():
     assert output_block("</code>\n", "Traceback ...\nNameError", RETOOL) == (
         "<interpreter>\nTraceback ...\nNameError\n</interpreter>\n"
     )
+
+
+def test_a_worked_solution_splits_where_the_loop_appends_outputs():
+    from spo_cli.tools.calls import split_tool_outputs
+
+    policy = "17*23: <code>print(17*23)</code>"
+    tool = output_block(policy, "391\n", RETOOL)
+    text = policy + tool + "so #### 391"
+    assert split_tool_outputs(text, RETOOL) == [(policy, False), (tool, True), ("so #### 391", False)]
+    # two calls, the second right after the first output; no text after the last
+    two = "<code>a</code>" + output_block("x</code>", "1", RETOOL) + "<code>b</code>" + output_block("</code>", "", RETOOL)
+    assert [flag for _, flag in split_tool_outputs(two, RETOOL)] == [False, True, False, True]
+    assert "".join(piece for piece, _ in split_tool_outputs(two, RETOOL)) == two
+    assert split_tool_outputs("no calls", RETOOL) == [("no calls", False)]
+
+
+def test_a_warm_start_does_not_train_tool_outputs():
+    from types import SimpleNamespace
+
+    from spo_cli.models import build_byte_tokenizer
+    from spo_cli.sft import encode_examples
+
+    tokenizer = build_byte_tokenizer()
+    task = SimpleNamespace(format_prompt=lambda q: q, use_chat_template=False)
+    policy = "<code>print(2)</code>"
+    tool = output_block(policy, "2", RETOOL)
+    problem = SimpleNamespace(question="Q", solution=policy + tool + "#### 2")
+    (prompt,), (ids,), (mask,) = encode_examples(tokenizer, task, [problem], RETOOL)
+    assert tokenizer.decode(ids[:-1]) == problem.solution and ids[-1] == tokenizer.eos_token_id
+    assert mask == [1.0] * len(policy) + [0.0] * len(tool) + [1.0] * len("#### 2") + [1.0]
+    # without tools every solution token is trained, as before
+    assert encode_examples(tokenizer, task, [problem])[2] == [[1.0] * len(ids)]
