@@ -263,6 +263,12 @@ class Arith(Section):
         "ones every iteration. estimator.kind=single_stream needs it: it tracks a value per training prompt.",
     )
 
+    calculator: bool = Field(
+        False,
+        description="Worked solutions compute every multiplication with the Python tool first "
+        "('<code>print(a*b)</code>' and its output, then the line): the tool demo (docs/tools.md). Needs "
+        "sampling.tools with its default markers.",
+    )
     step_openers: list[Annotated[str, Field(max_length=32, pattern=r"^[^\n#0-9]*$")]] = Field(
         [],
         max_length=16,
@@ -514,6 +520,9 @@ class SandboxFusion(Section):
 
 
 SandboxSpec = kind_union(LocalSandbox, SandboxFusion, default="local")
+
+
+_DEFAULT_MARKERS = ("<code>", "</code>", "<interpreter>", "</interpreter>")
 
 
 class Tools(Section):
@@ -1269,6 +1278,15 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
+        if isinstance(self.task, Arith) and self.task.calculator:
+            tools = self.sampling.tools
+            if tools is None:
+                raise ValueError("task.calculator: the worked solutions call a tool; set a sampling.tools section")
+            if (tools.code_start, tools.code_end, tools.output_start, tools.output_end) != _DEFAULT_MARKERS:
+                raise ValueError("task.calculator writes the default tool markers (<code>, <interpreter>): keep "
+                                 "sampling.tools.code_start, code_end, output_start and output_end at their defaults")
+            if self.task.step_openers:
+                raise ValueError("task.calculator with task.step_openers: not supported (a worked line is a call)")
         if self.sampling.tools is not None and isinstance(self.estimator, McTree):
             raise ValueError(
                 "sampling.tools with estimator.kind=mc_tree: the tree expands fixed token counts, which would cut a "

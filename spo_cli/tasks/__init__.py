@@ -69,14 +69,20 @@ def build_task(spec: TaskSpec, prompts_per_iteration: int) -> Task:
 
 def _arith_task(spec: Arith, prompts_per_iteration: int) -> Task:
     from spo_cli.tasks import arith, gsm8k
+    from spo_cli.tools.calls import ToolMarkers
 
     knobs = dict(max_start=spec.max_start, max_add=spec.max_add, max_mul=spec.max_mul, max_val=spec.max_val)
     openers = tuple(spec.step_openers)
     held_out = arith.held_out_problems(spec.eval_seed, spec.eval_per_step, spec.eval_steps, **knobs)
     exclude = frozenset(p.question for p in held_out)
 
+    markers = ToolMarkers()  # the calculator's (the recipe keeps sampling.tools at these)
+
+    def worked(solution: str) -> str:
+        return arith.with_calculator(solution, markers) if spec.calculator else solution
+
     def to_problem(p: arith.ArithProblem, ident: str) -> Problem:
-        return Problem(id=ident, question=p.question, gold=p.answer, solution=p.solution)
+        return Problem(id=ident, question=p.question, gold=p.answer, solution=worked(p.solution))
 
     pools: dict[int, list[Problem]] = {}
 
@@ -97,10 +103,8 @@ def _arith_task(spec: Arith, prompts_per_iteration: int) -> Task:
 
     def sft_examples(rng: random.Random, count: int) -> list[Problem]:
         batch = arith.sample_problems(rng, count, spec.sft_min_steps, spec.sft_max_steps, exclude, **knobs)
-        return [
-            Problem(id="sft", question=p.question, gold=p.answer, solution=arith.with_openers(p.solution, openers, rng))
-            for p in batch
-        ]
+        solutions = [worked(arith.with_openers(p.solution, openers, rng)) for p in batch]
+        return [Problem(id="sft", question=p.question, gold=p.answer, solution=s) for p, s in zip(batch, solutions)]
 
     return Task(
         name="arith",

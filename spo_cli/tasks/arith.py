@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from spo_cli.errors import SpoUserError
+from spo_cli.tools.calls import ToolMarkers, output_block
 
 # Draws allowed per wanted problem before giving up: the question space can be smaller than asked
 # for (e.g. 1-step problems with small knobs), and looping forever would hide that.
@@ -189,6 +191,24 @@ def with_openers(solution: str, openers: Sequence[str], rng: random.Random) -> s
         return solution
     *worked, answer = solution.split("\n")
     return "\n".join([*(rng.choice(openers) + line for line in worked), answer])
+
+
+MULTIPLICATION = re.compile(r"^(\d+)\*(\d+)=(\d+)$")
+
+
+def with_calculator(solution: str, markers: ToolMarkers) -> str:
+    """`solution` with every multiplication computed by a tool call first (the tool demo, docs/tools.md): each
+    worked line "a*b=c" follows `code_start`print(a*b)`code_end` and the output block the tool loop appends, so
+    the solution is exactly what a response that calls the tool reads like. Other lines are unchanged."""
+    out = []
+    for line in solution.split("\n"):
+        found = MULTIPLICATION.match(line)
+        if found is not None:
+            a, b, c = found.groups()
+            call = f"{markers.code_start}print({a}*{b}){markers.code_end}"
+            line = call + output_block(call, c + "\n", markers) + line
+        out.append(line)
+    return "\n".join(out)
 
 
 def first_error(response: str, solution: str, openers: Sequence[str] = ()) -> int | None:

@@ -71,3 +71,31 @@ def test_a_warm_start_does_not_train_tool_outputs():
     assert mask == [1.0] * len(policy) + [0.0] * len(tool) + [1.0] * len("#### 2") + [1.0]
     # without tools every solution token is trained, as before
     assert encode_examples(tokenizer, task, [problem])[2] == [[1.0] * len(ids)]
+
+
+def test_the_calculator_solution_is_what_a_calling_response_reads_like():
+    from spo_cli.tasks.arith import first_error, with_calculator
+
+    solution = "12*34=408\n408+5=413\n#### 413"
+    worked = with_calculator(solution, RETOOL)
+    call = "<code>print(12*34)</code>"
+    assert worked == call + "\n<interpreter>\n408\n</interpreter>\n12*34=408\n408+5=413\n#### 413"
+    assert code_to_run(call, RETOOL) == "print(12*34)"
+    # first_error reads a calling response against it: a wrong copy of the tool's result departs at that digit
+    wrong = worked.replace("12*34=408", "12*34=418")
+    assert first_error(wrong, worked) == worked.index("12*34=408") + len("12*34=4")
+    assert first_error(worked, worked) is None
+
+
+def test_the_calculator_task_needs_default_tool_markers(tmp_path):
+    import pytest as _pytest
+
+    from spo_cli.errors import SpoUserError
+    from spo_cli.recipe import parse_recipe
+
+    base = {"model": {"kind": "tiny"}, "task": {"kind": "arith", "calculator": True}}
+    with _pytest.raises(SpoUserError, match="set a sampling.tools section"):
+        parse_recipe(base)
+    with _pytest.raises(SpoUserError, match="default tool markers"):
+        parse_recipe({**base, "sampling": {"tools": {"code_start": "```python\n"}}})
+    assert parse_recipe({**base, "sampling": {"tools": {}}}).task.calculator
