@@ -28,7 +28,21 @@ def sample_episodes(
 ) -> tuple[list[Episode], dict[str, float]]:
     problems, prompts = training_prompts(sampler, tokenizer, task, recipe, iteration)
     episodes = graded_episodes(sampler, tokenizer, task, recipe, iteration, params, problems, prompts)
-    return episodes, {"num_prompts": float(len(problems))}
+    stats = {"num_prompts": float(len(problems))}
+    if recipe.sampling.tools is not None:
+        stats |= tool_metrics(episodes)
+    return episodes, stats
+
+
+def tool_metrics(episodes: list[Episode]) -> dict[str, float]:
+    """TRL's tool metrics: calls per response, and the fraction of calls that did not end `ok` (an error, a
+    timeout, too much output, or the sandbox failing)."""
+    statuses = [s for ep in episodes for s in ep.metadata.get("tool_calls", [])]
+    failed = sum(1 for s in statuses if s != "ok")
+    return {
+        "tools/call_frequency": len(statuses) / len(episodes) if episodes else 0.0,
+        "tools/failure_frequency": failed / len(statuses) if statuses else 0.0,
+    }
 
 
 def graded_episodes(
@@ -55,10 +69,15 @@ def graded_episodes(
             tool_spans=c.tool_spans,
             reward=r,
             first_error=first_error_token(task, tokenizer, p, c.text, c.token_ids) if r < 1.0 else None,
-            metadata=dict(metadata[i]) if metadata is not None else {},
+            metadata=_metadata(metadata[i] if metadata is not None else {}, c),
         )
         for k, ((i, p, prompt, c), r) in enumerate(zip(flat, rewards))
     ]
+
+
+def _metadata(extra: dict, completion) -> dict:
+    """An episode's metadata: the caller's extras, and each tool call's status when the response made calls."""
+    return dict(extra) | ({"tool_calls": completion.tool_calls} if completion.tool_calls else {})
 
 
 def first_error_token(task: Task, tokenizer, problem, text: str, token_ids: list[int]) -> int | None:

@@ -99,3 +99,16 @@ def test_the_calculator_task_needs_default_tool_markers(tmp_path):
     with _pytest.raises(SpoUserError, match="default tool markers"):
         parse_recipe({**base, "sampling": {"tools": {"code_start": "```python\n"}}})
     assert parse_recipe({**base, "sampling": {"tools": {}}}).task.calculator
+
+
+def test_tool_metrics_count_calls_and_failures():
+    from spo_cli.episode import Episode
+    from spo_cli.sample.episodes import tool_metrics
+
+    def episode(calls):
+        return Episode(id="e", group_id="g", prompt="p", response="r", prompt_token_ids=[1], response_token_ids=[2],
+                       finish_reason="stop", metadata={"tool_calls": calls} if calls else {})  # fmt: skip
+
+    metrics = tool_metrics([episode(["ok", "error"]), episode(["ok"]), episode([]), episode(["timeout"])])
+    assert metrics == {"tools/call_frequency": 1.0, "tools/failure_frequency": 0.5}
+    assert tool_metrics([episode([])]) == {"tools/call_frequency": 0.0, "tools/failure_frequency": 0.0}
