@@ -191,7 +191,16 @@ def _credit_for_run(label: str, run_dir: Path, iteration: int | None, count: int
     recipe = _resolved_recipe(run_dir)
     threshold = low_prob if low_prob is not None else _default_low_prob(recipe)
     title = f"{label}: {path.name.removesuffix('.jsonl').replace('_', ' ')} ({run_dir})"
-    return credit_section(title, episodes, _tokenizer(run_dir, recipe), threshold)
+    return credit_section(title, episodes, _tokenizer(run_dir, recipe), threshold, _tool_markers(recipe))
+
+
+def _tool_markers(recipe: dict):
+    """The run's tool-call markers (sampling.tools), the defaults when the run had none or an older recipe."""
+    from spo_cli.tools.calls import ToolMarkers
+
+    tools = (recipe.get("sampling") or {}).get("tools") or {}
+    fields = ("code_start", "code_end", "output_start", "output_end")
+    return ToolMarkers(**{name: tools[name] for name in fields if isinstance(tools.get(name), str)})
 
 
 def _resolved_recipe(run_dir: Path) -> dict:
