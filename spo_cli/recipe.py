@@ -1287,12 +1287,6 @@ class Recipe(Section):
                                  "sampling.tools.code_start, code_end, output_start and output_end at their defaults")
             if self.task.step_openers:
                 raise ValueError("task.calculator with task.step_openers: not supported (a worked line is a call)")
-        if self.sampling.tools is not None and isinstance(self.estimator, McTree):
-            raise ValueError(
-                "sampling.tools with estimator.kind=mc_tree: the tree expands fixed token counts, which would cut a "
-                "tool's output between two nodes and let the policy write the rest of it; use mc_chain, vineppo, "
-                "group or single_stream with tools"
-            )
         if self.sampling.backend == "vllm":
             vllm = self.sampling.vllm
             if vllm.logprobs_source == "engine" and (self.sampling.top_p < 1 or self.sampling.top_k > 0):

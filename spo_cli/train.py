@@ -361,6 +361,7 @@ def _evaluator(recipe: Recipe, sampler, tokenizer, task: Task, problems: list, r
         result = evaluate_policy(
             sampler, tokenizer, task, problems, recipe.eval, max_tokens,
             seed=derive_seed(recipe.run.seed, "eval"), keep_eos_token=recipe.sampling.keep_eos_token,
+            tools=recipe.sampling.tools is not None,
         )  # fmt: skip
         if cluster.is_main:
             save_json(run_dir / f"eval_{tag}.json", {"iteration": iteration, **result})

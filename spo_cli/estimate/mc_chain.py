@@ -22,6 +22,14 @@ class ValueState:
     prompt_token_ids: tuple[int, ...]
     prefix_token_ids: tuple[int, ...]
     gold: str | None
+    tool_calls: int = 0  # the tool calls the prefix made: its rollouts get only the calls left (docs/tools.md)
+
+
+def state_before(episode: Episode, boundary: int) -> ValueState:
+    """The state of `episode` before response token `boundary`, with the tool calls made before it."""
+    calls = sum(1 for start, _ in episode.tool_spans if start < boundary)
+    prefix = tuple(episode.response_token_ids[:boundary])
+    return ValueState(episode.iteration, tuple(episode.prompt_token_ids), prefix, episode.gold, calls)
 
 
 # (states of one iteration, iteration) -> one value per state
@@ -33,11 +41,7 @@ def boundary_states(episode: Episode) -> tuple[list[int], list[ValueState]]:
     if episode.segments is None:
         raise ValueError(f"episode {episode.id} has no segments: run the partition stage first")
     boundaries = [seg.start for seg in episode.segments if seg.is_boundary]
-    prompt = tuple(episode.prompt_token_ids)
-    states = [
-        ValueState(episode.iteration, prompt, tuple(episode.response_token_ids[:b]), episode.gold) for b in boundaries
-    ]
-    return boundaries, states
+    return boundaries, [state_before(episode, b) for b in boundaries]
 
 
 def value_states(

@@ -34,7 +34,12 @@ class MonteCarloValues:
         if not states:
             return []
         inputs = [list(s.prompt_token_ids) + list(s.prefix_token_ids) for s in states]
-        groups = self.sampler.generate_ids(inputs, self.params, seed=derive_seed(self.run_seed, self.seed_label, iteration))
+        seed = derive_seed(self.run_seed, self.seed_label, iteration)
+        if any(s.tool_calls for s in states):  # only a tool loop's episodes have calls (docs/tools.md)
+            calls = [s.tool_calls for s in states]
+            groups = self.sampler.generate_ids(inputs, self.params, seed=seed, calls_made=calls)
+        else:
+            groups = self.sampler.generate_ids(inputs, self.params, seed=seed)
         texts, golds, reasons, owner = [], [], [], []
         self.generated_tokens += sum(len(c.token_ids) for group in groups for c in group)
         for k, (state, group) in enumerate(zip(states, groups)):

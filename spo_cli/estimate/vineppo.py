@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from spo_cli.episode import Episode
-from spo_cli.estimate.mc_chain import StateValues, ValueState, value_states
+from spo_cli.estimate.mc_chain import StateValues, ValueState, state_before, value_states
 
 
 def estimated_step_states(num_steps: int, max_estimated_steps: int) -> int:
@@ -54,13 +54,7 @@ def estimate_vineppo(
         if ep.reward is None:
             raise ValueError(f"episode {ep.id} has no reward")
         estimated = estimated_step_states(len(ep.segments), max_estimated_steps)
-        prompt = tuple(ep.prompt_token_ids)
-        per_episode.append(
-            [
-                ValueState(ep.iteration, prompt, tuple(ep.response_token_ids[: seg.start]), ep.gold)
-                for seg in ep.segments[:estimated]
-            ]
-        )
+        per_episode.append([state_before(ep, seg.start) for seg in ep.segments[:estimated]])
     values, unique = value_states(per_episode, state_values)
     out = []
     for ep, states in zip(episodes, per_episode):

@@ -14,6 +14,7 @@ from spo_cli.evaluate.metrics import sampling_standard_error
 from spo_cli.recipe import Eval
 from spo_cli.sample import Sampler, SamplingParams
 from spo_cli.tasks import Problem, Task, apply_template
+from spo_cli.tools.calls import tool_call_metrics
 
 
 def accuracy(rewards: Sequence[float]) -> float:
@@ -30,9 +31,11 @@ def evaluate_policy(
     max_new_tokens: int,
     seed: int,
     keep_eos_token: bool = True,
+    tools: bool = False,
 ) -> dict[str, float]:
     """`eval/greedy_accuracy` and `eval/sampled_accuracy` (mean over `spec.num_samples` per problem), with
-    `eval/sampled_accuracy_se`, its standard error from the sampling alone (with 2 or more samples per problem)."""
+    `eval/sampled_accuracy_se`, its standard error from the sampling alone (with 2 or more samples per problem).
+    With `tools` (the sampler runs a tool loop), each run's `tool_call_frequency` and `tool_failure_frequency`."""
     problems = list(problems)[: spec.max_problems]
     prompts = [apply_template(tokenizer, task.format_prompt(p.question), task.use_chat_template) for p in problems]
     golds = [p.gold for p in problems]
@@ -65,4 +68,8 @@ def evaluate_policy(
             correct = [sum(1 for r in rewards[end - params.n : end] if r >= 1.0) for end in ends]
             out[f"eval/{name}_accuracy_se"] = sampling_standard_error(correct, params.n)
         out[f"eval/{name}_mean_length"] = sum(len(c.token_ids) for g in groups for c in g) / max(len(responses), 1)
+        if tools:
+            calls = tool_call_metrics([c.tool_calls for g in groups for c in g])
+            out |= {f"eval/{name}_{key}": value for key, value in calls.items()}
     return out
+

@@ -27,6 +27,7 @@ from spo_cli.evaluate.benchmarks import EvalSet
 from spo_cli.evaluate.metrics import context_label, summarize
 from spo_cli.fsutil import atomic_write_json, atomic_write_text
 from spo_cli.recipe import Recipe
+from spo_cli.tools.calls import tool_call_metrics
 
 PROMPT_TOO_LONG = "prompt_too_long"  # finish_reason of a problem whose prompt fills the model's whole context
 
@@ -222,12 +223,15 @@ def _evaluate_unit(
         "context_tokens": budget,
         "stop": sorted({*eval_set.stop, *engine.recipe.sampling.stop}),
     }
+    tools = engine.recipe.sampling.tools
+    if tools is not None:  # completions with and without tools never mix in one unit
+        identity["tools"] = tools.model_dump(mode="json")
     _check_settings(settings_path, identity)
     records = _finished_records(completions_path, settings, prompts, [p.gold for p in problems])
     done = len(records) // settings.samples
     if done < len(problems):
         records.extend(_sample_rest(engine, ref, eval_set, budget, settings, prompts, identity, done, unit, log))
-    metrics = _metrics(records, settings.samples)
+    metrics = _metrics(records, settings.samples, tools=tools is not None)
     saved = _read_settings(settings_path)
     result = {
         "checkpoint": ref.label,
@@ -372,6 +376,7 @@ def _graded_records(eval_set: EvalSet, problems, prompts, indices, by_index, sam
             records.append(
                 {**base, "response": c.text, "answer": answer, "vote": vote, "reward": reward, "correct": reward >= 1.0,
                  "finish_reason": c.finish_reason, "response_tokens": len(c.token_ids)}
+                | ({"tool_calls": c.tool_calls} if c.tool_calls else {})
             )  # fmt: skip
     return records
 
@@ -384,7 +389,7 @@ def _append_records(path: Path, records: list[dict[str, Any]]) -> None:
         os.fsync(fh.fileno())
 
 
-def _metrics(records: list[dict[str, Any]], samples: int) -> dict[str, float]:
+def _metrics(records: list[dict[str, Any]], samples: int, tools: bool = False) -> dict[str, float]:
     rows = [records[i : i + samples] for i in range(0, len(records), samples)]
     out = summarize([[r["correct"] for r in row] for row in rows], [[r["vote"] for r in row] for row in rows])
     n = max(len(records), 1)
@@ -392,6 +397,8 @@ def _metrics(records: list[dict[str, Any]], samples: int) -> dict[str, float]:
     out["truncated"] = sum(r["finish_reason"] == "length" for r in records) / n
     out["no_answer"] = sum(r["answer"] is None for r in records) / n
     out["prompts_too_long"] = float(sum(r["finish_reason"] == PROMPT_TOO_LONG for r in records[::samples]))
+    if tools:
+        out |= tool_call_metrics([r.get("tool_calls", []) for r in records])
     return out
 
 

@@ -22,6 +22,10 @@ class SamplingParams:
     # Stop strings a response keeps, up to the end of the token that completes one: a tool loop stops at a code
     # block's end marker this way and runs the block (the marker's tokens are the policy's, and trained).
     keep_stop: tuple[str, ...] = ()
+    # Whether tool outputs count against max_new_tokens (a whole response: yes, an output that does not fit is cut
+    # and the response unfinished). No: max_new_tokens counts the policy's tokens only and an output is appended
+    # whole while the context has room (an SPO-tree segment, whose next level must not start inside an output).
+    tool_tokens_in_budget: bool = True
     keep_eos_token: bool = True
     logprobs: bool = True  # record log-probs and entropies (evaluation needs neither)
 

@@ -8,6 +8,7 @@ from spo_cli.errors import SpoUserError
 from spo_cli.recipe import Recipe
 from spo_cli.seeding import derive_seed
 from spo_cli.tasks import Task, apply_template
+from spo_cli.tools.calls import tool_call_metrics
 
 
 def training_prompts(sampler, tokenizer, task: Task, recipe: Recipe, iteration: int) -> tuple[list, list[str]]:
@@ -35,14 +36,9 @@ def sample_episodes(
 
 
 def tool_metrics(episodes: list[Episode]) -> dict[str, float]:
-    """TRL's tool metrics: calls per response, and the fraction of calls that did not end `ok` (an error, a
-    timeout, too much output, or the sandbox failing)."""
-    statuses = [s for ep in episodes for s in ep.metadata.get("tool_calls", [])]
-    failed = sum(1 for s in statuses if s != "ok")
-    return {
-        "tools/call_frequency": len(statuses) / len(episodes) if episodes else 0.0,
-        "tools/failure_frequency": failed / len(statuses) if statuses else 0.0,
-    }
+    """TRL's names for the sampled responses' `tool_call_metrics`: tools/call_frequency, tools/failure_frequency."""
+    calls = tool_call_metrics([ep.metadata.get("tool_calls", []) for ep in episodes])
+    return {"tools/call_frequency": calls["tool_call_frequency"], "tools/failure_frequency": calls["tool_failure_frequency"]}
 
 
 def graded_episodes(

@@ -35,14 +35,20 @@ class ShardedSampler:
         seed: int,
         offset: int = 0,
         caps: Sequence[int] | None = None,
+        **per_request,
     ) -> list[list[Completion]]:
+        """`per_request`: further per-prompt sequences the inner sampler takes (the tool loop's `calls_made`),
+        split like the prompts."""
         if offset % self.inner.shard_unit(params):
             raise ValueError("a sharded call must start at a multiple of the sampler's shard unit")
         start, end = self.cluster.bounds(len(prompt_ids), self.inner.shard_unit(params))
         local_caps = None if caps is None else caps[start:end]
         local = []
         if end > start:
-            local = self.inner.generate_ids(prompt_ids[start:end], params, seed, offset + start, local_caps)
+            local_extra = {name: values[start:end] for name, values in per_request.items() if values is not None}
+            local = self.inner.generate_ids(
+                prompt_ids[start:end], params, seed, offset + start, local_caps, **local_extra
+            )
         return self.cluster.gather(local)
 
     def sync_weights(self) -> None:

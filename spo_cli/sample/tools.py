@@ -4,8 +4,9 @@ Generation stops where a code block closes (`markers.code_end`, kept in the resp
 closed block of the turn at once, each output is appended between the output markers as tool tokens, and one
 generate call continues every response that is still running. A response gets at most `max_tool_calls` calls and
 `params.max_new_tokens` tokens in all, tool tokens included: a tool output that does not fit is cut and the
-response ends as `length` (unfinished). After its last allowed call a response runs on without tools: a code block
-it closes then is not run, and the response ends there.
+response ends as `length` (unfinished). With `params.tool_tokens_in_budget` off (SPO-tree's segments) the budget
+counts the policy's tokens only and an output is cut only by the context. After its last allowed call a response
+runs on without tools: a code block it closes then is not run, and the response ends there.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ class _Response:
     tool_calls: list[str] = field(default_factory=list)
     finish_reason: str = "length"
     turn_text: str = ""  # the text of the policy's latest turn
+    calls_allowed: int = 0  # max_tool_calls less the calls its prompt made (a Monte Carlo state's prefix)
+    tool_tokens: int = 0
+
+    def policy_tokens(self) -> int:
+        return len(self.tokens) - self.tool_tokens
 
     def extend(self, completion: Completion) -> None:
         self.tokens += completion.token_ids
@@ -37,6 +43,22 @@ class _Response:
         self.entropies += completion.entropies
         self.finish_reason = completion.finish_reason
         self.turn_text = completion.text
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """A response's token limits: `new_tokens` on what counts (all tokens, or the policy's only when not
+    `counts_tools`), `total` on all its tokens (None: no limit but the budget's)."""
+
+    new_tokens: int
+    total: int | None
+    counts_tools: bool
+
+    def room(self, response: _Response) -> int:
+        """Tokens the policy may still write."""
+        used = len(response.tokens) if self.counts_tools else response.policy_tokens()
+        left = self.new_tokens - used
+        return left if self.total is None else min(left, self.total - len(response.tokens))
 
 
 def build_sandbox(tools):
@@ -94,27 +116,32 @@ class ToolLoopSampler:
         seed: int,
         offset: int = 0,
         caps: Sequence[int] | None = None,
+        calls_made: Sequence[int] | None = None,
     ) -> list[list[Completion]]:
         """The first turn is one call of the inner sampler (its randomness as without tools); turn t continues the
         responses still running, in their order, with seed derive_seed(seed, "tool-turn", t) and request index
-        `offset * n` + the response's index among those continued."""
+        `offset * n` + the response's index among those continued. `calls_made[i]`: the calls prompt i already
+        made (a Monte Carlo state that continues a response), which count against `max_tool_calls`."""
         with_tools = replace(params, keep_stop=(*params.keep_stop, self.markers.code_end))
         first = self.inner.generate_ids(prompt_ids, with_tools, seed, offset, caps)
-        groups = [[self._start(list(p), c) for c in group] for p, group in zip(prompt_ids, first)]
+        made = calls_made or [0] * len(prompt_ids)
+        groups = [
+            [self._start(list(p), c, max(0, self.max_tool_calls - m)) for c in group]
+            for p, m, group in zip(prompt_ids, made, first)
+        ]
         flat = [r for group in groups for r in group]
-        limits = [params.max_new_tokens if caps is None else min(params.max_new_tokens, caps[i // params.n])
-                  for i in range(len(flat))]  # fmt: skip
+        budgets = [self._budget(params, caps, r, i // params.n) for i, r in enumerate(flat)]
         for turn in range(1, self.max_tool_calls + 1):
             calling = [i for i, r in enumerate(flat) if self._calls_tool(r)]
             if not calling:
                 break
             results = self.sandbox.run_many([self._code(flat[i]) for i in calling])
-            running = [i for i, result in zip(calling, results) if self._append_output(flat[i], result, limits[i])]
+            running = [i for i, result in zip(calling, results) if self._append_output(flat[i], result, budgets[i])]
             if not running:
                 break
             # Still stopping at a closed block after the last allowed call: the response ends there, not run.
             prefixes = [flat[i].prompt + flat[i].tokens for i in running]
-            room = [limits[i] - len(flat[i].tokens) for i in running]
+            room = [budgets[i].room(flat[i]) for i in running]
             turn_seed = derive_seed(seed, "tool-turn", turn)
             more = self.inner.generate_ids(prefixes, replace(with_tools, n=1), turn_seed, offset * params.n, room)
             for i, group in zip(running, more):
@@ -123,8 +150,8 @@ class ToolLoopSampler:
 
     # ------------------------------------------------------------------------------------------------ helpers
 
-    def _start(self, prompt: list[int], completion: Completion) -> _Response:
-        response = _Response(prompt)
+    def _start(self, prompt: list[int], completion: Completion, calls_allowed: int) -> _Response:
+        response = _Response(prompt, calls_allowed=calls_allowed)
         response.extend(completion)
         return response
 
@@ -132,7 +159,7 @@ class ToolLoopSampler:
         """The latest turn stopped at a closed code block, and calls are left."""
         return (
             response.finish_reason == "stop"
-            and len(response.tool_calls) < self.max_tool_calls
+            and len(response.tool_calls) < response.calls_allowed
             and self.markers.code_end in response.turn_text
             and self._code(response) is not None
         )
@@ -143,21 +170,30 @@ class ToolLoopSampler:
         text = self.tokenizer.decode(response.prompt + response.tokens, skip_special_tokens=True)
         return code_to_run(text, self.markers)
 
-    def _append_output(self, response: _Response, result, limit: int) -> bool:
+    @staticmethod
+    def _budget(params: SamplingParams, caps, response: _Response, request: int) -> _Budget:
+        new_tokens = params.max_new_tokens if caps is None else min(params.max_new_tokens, caps[request])
+        if params.tool_tokens_in_budget:
+            return _Budget(new_tokens, new_tokens, counts_tools=True)
+        context = None if params.max_total_tokens is None else params.max_total_tokens - len(response.prompt)
+        return _Budget(new_tokens, context, counts_tools=False)
+
+    def _append_output(self, response: _Response, result, budget: _Budget) -> bool:
         """Append the tool's output as tool tokens; False when the response has no room left (it ends there)."""
         text = self.tokenizer.decode(response.tokens, skip_special_tokens=True)
         ids = self.tokenizer(output_block(text, result.output, self.markers), add_special_tokens=False)["input_ids"]
-        room = limit - len(response.tokens)
-        ids = ids[: max(0, room)]
+        if budget.total is not None:
+            ids = ids[: max(0, budget.total - len(response.tokens))]
         start = len(response.tokens)
         response.tokens += ids
+        response.tool_tokens += len(ids)
         response.logprobs += [0.0] * len(ids)
         response.entropies += [0.0] * len(ids)
         if ids:
             response.tool_spans.append((start, start + len(ids)))
         response.tool_calls.append(result.status)
         response.turn_text = ""
-        if len(response.tokens) >= limit:
+        if budget.room(response) <= 0:
             response.finish_reason = "length"
             return False
         return True

@@ -9,6 +9,7 @@ between `<interpreter>` and `</interpreter>`.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 FENCE = re.compile(r"\A\s*```[A-Za-z0-9_+-]*[ \t]*\n(?P<code>.*?)\n?[ \t]*```\s*\Z", re.S)
@@ -77,3 +78,14 @@ def split_tool_outputs(text: str, markers: ToolMarkers) -> list[tuple[str, bool]
     if position < len(text):
         pieces.append((text[position:], False))
     return pieces
+
+
+def tool_call_metrics(calls: Sequence[Sequence[str]]) -> dict[str, float]:
+    """TRL's tool metrics from each response's call statuses: calls per response, and the fraction of calls that
+    did not end `ok` (an error, a timeout, too much output, the sandbox failing)."""
+    statuses = [status for response in calls for status in response]
+    failed = sum(1 for status in statuses if status != "ok")
+    return {
+        "tool_call_frequency": len(statuses) / len(calls) if calls else 0.0,
+        "tool_failure_frequency": failed / len(statuses) if statuses else 0.0,
+    }

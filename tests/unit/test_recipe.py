@@ -256,9 +256,3 @@ def test_a_tools_section_validates_and_names_its_fields(tmp_path):
     assert load_recipe(_write(tmp_path, GOOD + "  tools: {}\n")).sampling.tools.sandbox.kind == "local"
     bad = _write(tmp_path, GOOD + "  tools:\n    wall_seconds: 0\n")
     assert "sampling.tools.wall_seconds" in str(pytest.raises(SpoUserError, load_recipe, bad).value)
-
-
-def test_tools_with_spo_tree_are_refused_with_the_reason(tmp_path):
-    tree = GOOD + "  tools: {}\nestimator:\n  kind: mc_tree\n"
-    msg = str(pytest.raises(SpoUserError, load_recipe, _write(tmp_path, tree)).value)
-    assert "sampling.tools with estimator.kind=mc_tree" in msg and "cut a tool's output" in msg

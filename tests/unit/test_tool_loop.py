@@ -24,6 +24,9 @@ class ScriptedPolicy:
     def shard_unit(self, params):
         return 1
 
+    def encode_prompts(self, prompts):
+        return [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
     def generate_ids(self, prompt_ids, params, seed, offset=0, caps=None):
         self.calls.append({"requests": len(prompt_ids), "seed": seed, "caps": caps, "n": params.n})
         groups = []
@@ -108,3 +111,105 @@ def test_a_rollout_from_inside_a_code_block_runs_it(tokenizer, sandbox):
     (group,) = sampler.generate_ids([prefix], SamplingParams(n=1, max_new_tokens=100), seed=0)
     (c,) = group
     assert c.tool_calls == ["ok"] and c.text == "*3)</code>\n<interpreter>\n21\n</interpreter>\nthen #### 21"
+
+
+def test_calls_a_prefix_made_count_against_the_limit(tokenizer, sandbox):
+    # A Monte Carlo state after one call: with max_tool_calls 2 its rollout may make one more, as the response could.
+    script = ["<code>print(1)</code>", "<code>print(2)</code>", "<code>print(3)</code>", "never"]
+    sampler, policy = loop(tokenizer, sandbox, script, max_tool_calls=2)
+    prefix = tokenizer("Q<code>print(1)</code>\n<interpreter>\n1\n</interpreter>\n", add_special_tokens=False)
+    prompts = [prefix["input_ids"], [65]]
+    params = SamplingParams(n=1, max_new_tokens=500)
+    after_one, fresh = sampler.generate_ids(prompts, params, seed=0, calls_made=[1, 0])
+    assert after_one[0].tool_calls == ["ok"] and after_one[0].text.endswith("<code>print(3)</code>")
+    assert fresh[0].tool_calls == ["ok", "ok"]
+    (spent,) = sampler.generate_ids([prefix["input_ids"]], params, seed=0, calls_made=[2])
+    assert spent[0].tool_calls == [] and spent[0].text == "<code>print(2)</code>", "no call left: not run"
+
+
+class ContinuingPolicy:
+    """Writes the rest of `target` after what the request's response holds so far (the tool outputs in `target`
+    written as the loop writes them), cut by `finish_response` like a backend: an SPO-tree level continues a
+    segment cut by its budget, and the text reads as one response."""
+
+    def __init__(self, tokenizer, prompt: str, target: str):
+        self.tokenizer, self.prompt, self.target = tokenizer, prompt, target
+        self.calls: list[dict] = []
+
+    def shard_unit(self, params):
+        return 1
+
+    def generate_ids(self, prompt_ids, params, seed, offset=0, caps=None):
+        self.calls.append({"caps": caps, "max_new_tokens": params.max_new_tokens})
+        groups = []
+        for i, ids in enumerate(prompt_ids):
+            written = self.tokenizer.decode(ids)[len(self.prompt) :]
+            assert self.target.startswith(written), (written, self.target)
+            rest = self.tokenizer(self.target[len(written) :], add_special_tokens=False)["input_ids"]
+            budget = params.max_new_tokens if caps is None else min(params.max_new_tokens, caps[i])
+            tokens, text, reason = finish_response(self.tokenizer, (rest + [self.tokenizer.eos_token_id])[:budget], params)
+            groups.append([Completion(list(ids), tokens, text, reason, [-0.5] * len(tokens), [0.1] * len(tokens))] * params.n)
+        return groups
+
+
+def grow(tokenizer, sandbox, target: str, segment_tokens: int, max_tool_calls: int):
+    from spo_cli.estimate.tree.growth import TreeRoot, expand_trees
+    from spo_cli.recipe import Arith
+    from spo_cli.tasks import build_task
+
+    policy = ContinuingPolicy(tokenizer, "Q:", target)
+    sampler = ToolLoopSampler(policy, tokenizer, sandbox, ToolMarkers(), max_tool_calls)
+    root = TreeRoot("t", "q", "Q:", tuple(tokenizer("Q:", add_special_tokens=False)["input_ids"]), "42")
+    episodes, _ = expand_trees(
+        [root], sampler, tokenizer, build_task(Arith(), 1), branching=[2, 2], segment_tokens=segment_tokens,
+        params=SamplingParams(max_new_tokens=200), seed=0, iteration=0,
+    )  # fmt: skip
+    return {ep.metadata["tree"]["node"]: ep for ep in episodes}
+
+
+OUTPUT_42 = "\n<interpreter>\n42\n</interpreter>\n"
+
+
+def test_a_tree_segment_budget_counts_policy_tokens_and_keeps_outputs_whole(tokenizer, sandbox):
+    call = "<code>print(6*7)</code>"
+    nodes = grow(tokenizer, sandbox, call + OUTPUT_42 + "so #### 42", segment_tokens=len(call) + 7, max_tool_calls=2)
+    first = nodes["0"]
+    # 23 policy tokens, the whole 33-token output (over the 30-token budget), then 7 more policy tokens.
+    assert first.response == call + OUTPUT_42 + "so ####" and first.finish_reason == "length"
+    assert first.tool_spans == [(len(call), len(call) + len(OUTPUT_42))] and first.metadata["tool_calls"] == ["ok"]
+    leaf = nodes["0.0"]
+    assert leaf.response == " 42" and leaf.tool_spans == [] and leaf.reward == 1.0
+
+
+def test_calls_above_a_tree_node_count_against_its_expansions(tokenizer, sandbox):
+    # One call allowed: the first runs in level 0; the block level 1 closes is written but not run.
+    call = "<code>print(6*7)</code>"
+    target = call + OUTPUT_42 + "<code>print(1)</code>"
+    nodes = grow(tokenizer, sandbox, target, segment_tokens=len(call), max_tool_calls=1)
+    assert nodes["0"].response == call + OUTPUT_42 and nodes["0"].finish_reason == "length"
+    assert nodes["0"].metadata["tool_calls"] == ["ok"]
+    leaf = nodes["0.1"]
+    assert leaf.response == "<code>print(1)</code>" and leaf.tool_spans == [] and leaf.finish_reason == "stop"
+    assert "tool_calls" not in leaf.metadata
+
+
+def test_tool_call_metrics_by_hand():
+    from spo_cli.tools.calls import tool_call_metrics
+
+    # 3 responses, 4 calls, one a timeout: 4/3 calls per response, 1/4 failed.
+    assert tool_call_metrics([["ok", "timeout"], [], ["ok", "ok"]]) == {
+        "tool_call_frequency": 4 / 3, "tool_failure_frequency": 0.25,
+    }  # fmt: skip
+    assert tool_call_metrics([[], []]) == {"tool_call_frequency": 0.0, "tool_failure_frequency": 0.0}
+
+
+def test_held_out_eval_reports_how_often_tools_are_called(tokenizer, sandbox):
+    from spo_cli.evaluate import evaluate_policy
+    from spo_cli.recipe import Arith, Eval
+    from spo_cli.tasks import Problem, build_task
+
+    sampler, _ = loop(tokenizer, sandbox, ["<code>print(6*7)</code>", "so #### 42"])
+    problems = [Problem("a", "6 times 7?", "42"), Problem("b", "6 times 7?", "41")]
+    out = evaluate_policy(sampler, tokenizer, build_task(Arith(), 1), problems, Eval(num_samples=0), 100, 0, tools=True)
+    assert out["eval/greedy_accuracy"] == 0.5 and out["eval/greedy_tool_call_frequency"] == 1.0
+    assert out["eval/greedy_tool_failure_frequency"] == 0.0

@@ -9,12 +9,16 @@ with a non-zero advantage as training episodes.
 A node episode is a normal `Episode`: prompt = the parent's full text (prompt + the segments above it),
 response = the node's own segment, and `metadata["tree"]` places it in its tree. Prefixes are exact
 token ids (the reference re-tokenizes concatenated strings, which can merge tokens across a boundary).
+
+With a tool loop (docs/tools.md#every-method) a segment may call tools: its budget counts the policy's tokens, a tool
+output is appended whole (so no level starts inside one) and marked in the node's `tool_spans`, and the calls made
+above a node count against `max_tool_calls` in its expansions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from spo_cli.episode import Episode
@@ -51,6 +55,9 @@ class _Node:
     entropies: list[float] | None
     finish_reason: str
     query_text: str  # the parent's full text: the prompt + the segments above this node
+    tool_spans: list[tuple[int, int]] = field(default_factory=list)  # in segment_ids
+    tool_calls: list[str] = field(default_factory=list)  # this segment's calls' statuses
+    calls_above: int = 0  # tool calls made by the path from the root down to and including this node
     leaf: bool = False
     graded_text: str | None = None  # what the leaf's reward is computed on
     reward: float | None = None
@@ -130,8 +137,13 @@ def expand_trees(
         unique = list(dict.fromkeys(node.prefix_ids for node in expandable))
         if not unique:
             break
-        level_params = replace(params, n=n_children, max_new_tokens=budget, logprobs=True)
-        groups = sampler.generate_ids(unique, level_params, seed=derive_seed(seed, "mc_tree", iteration, depth))
+        level_params = replace(params, n=n_children, max_new_tokens=budget, logprobs=True, tool_tokens_in_budget=False)
+        level_seed = derive_seed(seed, "mc_tree", iteration, depth)
+        calls = {node.prefix_ids: node.calls_above for node in expandable}
+        if any(calls.values()):  # only a tool loop's segments make calls
+            groups = sampler.generate_ids(unique, level_params, level_seed, calls_made=[calls[p] for p in unique])
+        else:
+            groups = sampler.generate_ids(unique, level_params, seed=level_seed)
         children_of = dict(zip(unique, groups))
         generated += sum(len(c.token_ids) for group in groups for c in group)
         expansions += len(unique)
@@ -175,6 +187,9 @@ def _children(node: _Node, root: TreeRoot, completions, depth: int, last_level: 
             list(c.entropies) if c.entropies else None,
             c.finish_reason,
             query_text,
+            list(c.tool_spans),
+            list(c.tool_calls),
+            node.calls_above + len(c.tool_calls),
         )
         children.append(child)
         if c.finish_reason == "stop":
@@ -208,6 +223,7 @@ def _node_episode(node: _Node, root: TreeRoot, iteration: int) -> Episode:
         response_logprobs=node.logprobs if node.segment_ids else [],
         response_entropies=node.entropies if node.segment_ids else [],
         finish_reason=node.finish_reason,
+        tool_spans=node.tool_spans,
         reward=node.reward,
         metadata={
             "tree": {
@@ -217,7 +233,8 @@ def _node_episode(node: _Node, root: TreeRoot, iteration: int) -> Episode:
                 "depth": node.depth,
                 "leaf": node.leaf,
             }
-        },
+        }
+        | ({"tool_calls": node.tool_calls} if node.tool_calls else {}),
     )
 
 

@@ -59,3 +59,16 @@ def test_estimate_vineppo_values_each_step_start_once():
     assert token_advantages(out) == [0.5, 0.5, 0.5, 0.0, 0.0]
     with pytest.raises(ValueError, match="needs the policy"):
         estimate_advantages([ep], Vineppo())
+
+
+def test_states_carry_the_tool_calls_their_prefix_made():
+    # Tool outputs at tokens [1, 3) and [4, 6): the state before token 4 made one call, before token 6 two.
+    from spo_cli.estimate.mc_chain import state_before
+
+    ep = Episode(
+        id="e", group_id="g", iteration=0, prompt="p", response="abcdefg", gold="1",
+        prompt_token_ids=[9], response_token_ids=[1, 2, 3, 4, 5, 6, 7], response_logprobs=[-1.0, 0, 0, -1.0, 0, 0, -1.0],
+        finish_reason="stop", reward=1.0, tool_spans=[(1, 3), (4, 6)],
+    )  # fmt: skip
+    assert [state_before(ep, b).tool_calls for b in (0, 1, 3, 4, 6, 7)] == [0, 0, 1, 1, 2, 2]
+    assert state_before(ep, 4).prefix_token_ids == (1, 2, 3, 4) and state_before(ep, 4).prompt_token_ids == (9,)
