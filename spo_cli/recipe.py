@@ -263,11 +263,12 @@ class Arith(Section):
         "ones every iteration. estimator.kind=single_stream needs it: it tracks a value per training prompt.",
     )
 
-    calculator: bool = Field(
-        False,
-        description="Worked solutions compute every multiplication with the Python tool first "
-        "('<code>print(a*b)</code>' and its output, then the line): the tool demo (docs/tools.md). Needs "
-        "sampling.tools with its default markers.",
+    calculator: list[Literal["+", "-", "*"]] = Field(
+        [],
+        max_length=3,
+        description="Operations whose worked lines the warm-start solutions compute with the Python tool first "
+        "('<code>print(a*b)</code>' and its output, then the line 'a*b=c'), e.g. ['*'] or ['+', '-', '*']: the "
+        "tool demo (docs/tools.md). Needs sampling.tools with its default markers. [] (default): no tool.",
     )
     step_openers: list[Annotated[str, Field(max_length=32, pattern=r"^[^\n#0-9]*$")]] = Field(
         [],

@@ -79,7 +79,7 @@ def _arith_task(spec: Arith, prompts_per_iteration: int) -> Task:
     markers = ToolMarkers()  # the calculator's (the recipe keeps sampling.tools at these)
 
     def worked(solution: str) -> str:
-        return arith.with_calculator(solution, markers) if spec.calculator else solution
+        return arith.with_calculator(solution, markers, "".join(spec.calculator)) if spec.calculator else solution
 
     def to_problem(p: arith.ArithProblem, ident: str) -> Problem:
         return Problem(id=ident, question=p.question, gold=p.answer, solution=worked(p.solution))

@@ -193,19 +193,20 @@ def with_openers(solution: str, openers: Sequence[str], rng: random.Random) -> s
     return "\n".join([*(rng.choice(openers) + line for line in worked), answer])
 
 
-MULTIPLICATION = re.compile(r"^(\d+)\*(\d+)=(\d+)$")
+WORKED_LINE = re.compile(r"^(-?\d+)([-+*])(\d+)=(-?\d+)$")
 
 
-def with_calculator(solution: str, markers: ToolMarkers) -> str:
-    """`solution` with every multiplication computed by a tool call first (the tool demo, docs/tools.md): each
-    worked line "a*b=c" follows `code_start`print(a*b)`code_end` and the output block the tool loop appends, so
-    the solution is exactly what a response that calls the tool reads like. Other lines are unchanged."""
+def with_calculator(solution: str, markers: ToolMarkers, operations: str = "*") -> str:
+    """`solution` with every worked line whose operation is in `operations` ("+", "-", "*") computed by a tool
+    call first (the tool demo, docs/tools.md): the line "a*b=c" follows `code_start`print(a*b)`code_end` and the
+    output block the tool loop appends, so the solution is exactly what a response that calls the tool reads
+    like. Other lines are unchanged."""
     out = []
     for line in solution.split("\n"):
-        found = MULTIPLICATION.match(line)
-        if found is not None:
-            a, b, c = found.groups()
-            call = f"{markers.code_start}print({a}*{b}){markers.code_end}"
+        found = WORKED_LINE.match(line)
+        if found is not None and found[2] in operations:
+            a, op, b, c = found.groups()
+            call = f"{markers.code_start}print({a}{op}{b}){markers.code_end}"
             line = call + output_block(call, c + "\n", markers) + line
         out.append(line)
     return "\n".join(out)

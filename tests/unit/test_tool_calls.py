@@ -85,6 +85,11 @@ def test_the_calculator_solution_is_what_a_calling_response_reads_like():
     wrong = worked.replace("12*34=408", "12*34=418")
     assert first_error(wrong, worked) == worked.index("12*34=408") + len("12*34=4")
     assert first_error(worked, worked) is None
+    # every operation through the tool: each worked line follows its call
+    every = with_calculator("12*34=408\n408-5=403\n#### 403", RETOOL, "+-*")
+    sub = "<code>print(408-5)</code>\n<interpreter>\n403\n</interpreter>\n408-5=403"
+    assert every == call + "\n<interpreter>\n408\n</interpreter>\n12*34=408\n" + sub + "\n#### 403"
+    assert with_calculator("7+5=12\n#### 12", RETOOL, "*") == "7+5=12\n#### 12"
 
 
 def test_the_calculator_task_needs_default_tool_markers(tmp_path):
@@ -93,12 +98,14 @@ def test_the_calculator_task_needs_default_tool_markers(tmp_path):
     from spo_cli.errors import SpoUserError
     from spo_cli.recipe import parse_recipe
 
-    base = {"model": {"kind": "tiny"}, "task": {"kind": "arith", "calculator": True}}
+    base = {"model": {"kind": "tiny"}, "task": {"kind": "arith", "calculator": ["*"]}}
     with _pytest.raises(SpoUserError, match="set a sampling.tools section"):
         parse_recipe(base)
     with _pytest.raises(SpoUserError, match="default tool markers"):
         parse_recipe({**base, "sampling": {"tools": {"code_start": "```python\n"}}})
-    assert parse_recipe({**base, "sampling": {"tools": {}}}).task.calculator
+    assert parse_recipe({**base, "sampling": {"tools": {}}}).task.calculator == ["*"]
+    with _pytest.raises(SpoUserError, match="task.calculator"):
+        parse_recipe({**base, "task": {"kind": "arith", "calculator": ["/"]}, "sampling": {"tools": {}}})
 
 
 def test_tool_metrics_count_calls_and_failures():
