@@ -37,10 +37,21 @@ def tool_spans_of(run: Path, iteration: int) -> list:
     return [ep.tool_spans for ep in read_episodes(run / "episodes" / f"iter_{iteration:06d}.jsonl")]
 
 
+@pytest.fixture(scope="module")
+def warm_start(tmp_path_factory) -> Path:
+    """The calculator warm start every run here starts from (made once: what differs between the runs is the RL)."""
+    where = tmp_path_factory.mktemp("warm")
+    recipe = write_recipe(where / "sft.yaml", tiny_recipe_dict(where, **SECTIONS))
+    done = spo("sft", str(recipe))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return where / "run" / "warm_start"
+
+
 @pytest.mark.slow  # ~80 s (a 300-step warm start and five short runs): CI's end-to-end phase
-def test_a_tool_run_killed_mid_sampling_resumes_exactly_and_its_episodes_stand_alone(tmp_path):
+def test_a_tool_run_killed_mid_sampling_resumes_exactly_and_its_episodes_stand_alone(tmp_path, warm_start):
+    warm = f"warm_start.load_from={warm_start}"
     ref = write_recipe(tmp_path / "ref.yaml", tiny_recipe_dict(tmp_path / "ref", **SECTIONS))
-    done = spo("train", str(ref))
+    done = spo("train", str(ref), warm)
     assert done.returncode == 0, done.stderr[-3000:]
     ref_run = tmp_path / "ref" / "run"
     metrics = read_metrics(ref_run)
@@ -50,7 +61,6 @@ def test_a_tool_run_killed_mid_sampling_resumes_exactly_and_its_episodes_stand_a
 
     recipe = write_recipe(tmp_path / "killed.yaml", tiny_recipe_dict(tmp_path / "killed", **SECTIONS))
     run = tmp_path / "killed" / "run"
-    warm = f"warm_start.load_from={ref_run / 'warm_start'}"
     for attempt, (crash_at, survivor) in enumerate([("sample:2", 1), ("optimize:3", 2)]):
         out = spo("train", str(recipe), warm, *(["--resume"] if attempt else []), crash_at=crash_at)
         assert out.returncode == -9, (crash_at, out.stderr[-2000:])
@@ -76,3 +86,38 @@ def test_a_tool_run_killed_mid_sampling_resumes_exactly_and_its_episodes_stand_a
     assert [ep.tool_spans for ep in standalone] == [ep.tool_spans for ep in in_loop]
     assert [ep.segments for ep in standalone] == [ep.segments for ep in in_loop]
     assert [ep.token_advantages for ep in standalone] == [ep.token_advantages for ep in in_loop]
+
+
+# The other methods, each for two iterations from the same warm start: their episodes (SPO-tree's node episodes)
+# carry tool calls and each trains. SPO-tree's segments are shorter than a call, so calls cross levels.
+METHODS = {
+    "mc_tree": dict(
+        estimator={"kind": "mc_tree", "branching": [2, 2], "segment_tokens": 24},
+        train={"episodes_per_iteration": 16},
+    ),
+    "vineppo": dict(estimator={"kind": "vineppo", "rollouts": 2}, partitioner={"kind": "step"}),
+    "single_stream": dict(
+        estimator={"kind": "single_stream", "offline_samples": 2},
+        sampling={"prompts_per_iteration": 16, "num_generations": 1},
+        task={"train_pool_size": 32},
+    ),
+}
+
+
+@pytest.mark.slow  # ~20 s each
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains_with_tool_calls(tmp_path, warm_start, method):
+    sections = {name: dict(values) for name, values in SECTIONS.items() if name != "partitioner"}
+    sections["train"] = {"iterations": 2, "save_steps": 2}
+    for name, values in METHODS[method].items():  # the method's algorithm sections replace, the others add
+        sections[name] = values if name in ("estimator", "partitioner") else {**sections.get(name, {}), **values}
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe_dict(tmp_path, **sections))
+    done = spo("train", str(recipe), f"warm_start.load_from={warm_start}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    metrics = read_metrics(run)
+    assert len(metrics) == 2 and sum(m["optimizer_steps"] for m in metrics) > 0
+    stored = sorted((run / ("trees" if method == "mc_tree" else "episodes")).glob("iter_*.jsonl"))
+    episodes = [ep for path in stored for ep in read_episodes(path)]
+    called = [ep for ep in episodes if ep.tool_spans]
+    assert called and all(ep.metadata["tool_calls"] for ep in called), method

@@ -94,7 +94,7 @@ def test_spo_chain_rollouts_through_a_tool_call(hf_backend, hf_group):
     from spo_cli.tasks import build_task
 
     backend, tokenizer = hf_backend
-    c = next(c for c in hf_group if c.tool_calls == ["ok"] and "7006652" in c.text)
+    c = next(c for c in hf_group if c.tool_calls == ["ok"] and "7006652" in c.text and c.tool_spans[0][1] < len(c.token_ids) - 4)
     episode = Episode(
         id="e", group_id="g", iteration=0, prompt=QUESTION, response=c.text, gold="7006652",
         prompt_token_ids=c.prompt_token_ids, response_token_ids=c.token_ids, response_logprobs=c.logprobs,

@@ -53,6 +53,18 @@ def test_observe_first_visit_then_revisit_with_kl_rho():
     assert list(tracker.beliefs["a"].last.response_token_ids) == [5] and tracker.beliefs["a"].visits == 2
 
 
+def test_the_distance_leaves_out_tokens_a_tool_wrote():
+    # Tokens 1-2 came from a tool: the policy's log-probs of them moved by 2.0, of its own tokens by 0.03 -> D = 0.03.
+    tracker = _tracker()
+    tracker.observe(["a"], [1.0], [stored_sample([1], [3, 4, 5, 6], [-1.0, -0.5, -0.5, -2.0], [(1, 3)])], None)
+
+    def score(prompt_ids, response_ids):
+        return [[-1.03, -2.5, 1.5, -1.97]]
+
+    stats = tracker.observe(["a"], [0.0], [stored_sample([1], [5], [-0.5])], score=score)
+    assert stats.distances == pytest.approx([0.03], abs=1e-6) and stats.rhos == [0.875]
+
+
 def test_constant_rho_mode_stores_no_samples_and_needs_no_policy():
     tracker = _tracker(rho_mode="constant", rho_max=0.9)
     tracker.observe(["a", "a"], [1.0, 0.0], [stored_sample([1], [2], [])] * 2, score=None)
@@ -84,7 +96,8 @@ def test_thompson_weights_draw_from_the_posterior():
 
 def test_state_round_trips_exactly_through_json():
     tracker = _tracker()
-    tracker.observe(["a", "b"], [1.0, 0.0], [stored_sample([7, 8], [9], [-0.1234567]), stored_sample([7], [1, 2], [-3.0, -1e-7])], None)
+    samples = [stored_sample([7, 8], [9], [-0.1234567]), stored_sample([7], [1, 2, 3], [-3.0, 0.0, -1e-7], [(1, 2)])]
+    tracker.observe(["a", "b"], [1.0, 0.0], samples, None)
     state = json.loads(json.dumps(tracker.state_dict()))
     restored = PromptValueTracker(SingleStream())
     restored.load_state_dict(state)
@@ -95,6 +108,7 @@ def test_state_round_trips_exactly_through_json():
         if belief.last is not None:
             assert other.last.logprobs == belief.last.logprobs
             assert other.last.response_token_ids == belief.last.response_token_ids
+            assert other.last.tool_spans == belief.last.tool_spans
 
 
 def test_save_and_load_a_checkpoint(tmp_path):

@@ -187,6 +187,8 @@ def observe_outcomes(tracker: PromptValueTracker, episodes: list[Episode], model
         now = score([ep.prompt_token_ids for ep in episodes], [ep.response_token_ids for ep in episodes])
     else:
         now = [[] for _ in episodes]
-    samples = [stored_sample(ep.prompt_token_ids, ep.response_token_ids, lp) for ep, lp in zip(episodes, now)]
+    samples = [
+        stored_sample(ep.prompt_token_ids, ep.response_token_ids, lp, ep.tool_spans) for ep, lp in zip(episodes, now)
+    ]
     stats = tracker.observe(keys, [ep.reward for ep in episodes], samples, score)
     return tracker.metrics(keys, stats)

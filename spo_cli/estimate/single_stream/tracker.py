@@ -43,6 +43,12 @@ class StoredSample:
     prompt_token_ids: array  # 'q': int64
     response_token_ids: array  # 'q': int64
     logprobs: array  # 'f': float32, as the policy computed them
+    # Response tokens a tool wrote (Episode.tool_spans): D measures the policy on its own tokens only.
+    tool_spans: tuple[tuple[int, int], ...] = ()
+
+    def policy_positions(self) -> list[int]:
+        tool = {t for start, end in self.tool_spans for t in range(start, end)}
+        return [t for t in range(len(self.response_token_ids)) if t not in tool]
 
 
 @dataclass
@@ -148,8 +154,10 @@ class PromptValueTracker:
             stored = [self.beliefs[key].last for key in revisits]
             now = score([list(s.prompt_token_ids) for s in stored], [list(s.response_token_ids) for s in stored])
             for key, sample, logprobs in zip(revisits, stored, now):
-                # Compare in float32, the precision the stored log-probs were kept in.
-                distance = policy_distance(list(sample.logprobs), list(array("f", logprobs)), spec.kl_estimator)
+                # Compare in float32, the precision the stored log-probs were kept in; the policy's tokens only.
+                now_f32, keep = array("f", logprobs), sample.policy_positions()
+                then = [sample.logprobs[t] for t in keep]
+                distance = policy_distance(then, [now_f32[t] for t in keep], spec.kl_estimator)
                 stats.distances.append(distance)
                 rho_of[key] = forgetting_factor(distance, spec.d_half, spec.rho_min, spec.rho_max)
         for key in first_index:
@@ -202,6 +210,8 @@ class PromptValueTracker:
                     "response_token_ids": _encode(b.last.response_token_ids),
                     "logprobs": _encode(b.last.logprobs),
                 }
+                if b.last.tool_spans:
+                    row["last"]["tool_spans"] = [list(span) for span in b.last.tool_spans]
             rows[key] = row
         return {"version": 1, "beliefs": rows}
 
@@ -221,6 +231,7 @@ class PromptValueTracker:
                     _decode(last["prompt_token_ids"], "q"),
                     _decode(last["response_token_ids"], "q"),
                     _decode(last["logprobs"], "f"),
+                    tuple((int(start), int(end)) for start, end in last.get("tool_spans", [])),
                 ),
             )
         self.beliefs = beliefs
@@ -236,8 +247,14 @@ class PromptValueTracker:
         self.load_state_dict(json.loads(path.read_text()))
 
 
-def stored_sample(prompt_token_ids: Sequence[int], response_token_ids: Sequence[int], logprobs: Sequence[float]) -> StoredSample:
-    return StoredSample(array("q", prompt_token_ids), array("q", response_token_ids), array("f", logprobs))
+def stored_sample(
+    prompt_token_ids: Sequence[int],
+    response_token_ids: Sequence[int],
+    logprobs: Sequence[float],
+    tool_spans: Sequence[tuple[int, int]] = (),
+) -> StoredSample:
+    spans = tuple((int(start), int(end)) for start, end in tool_spans)
+    return StoredSample(array("q", prompt_token_ids), array("q", response_token_ids), array("f", logprobs), spans)
 
 
 def _encode(values: array) -> str:
