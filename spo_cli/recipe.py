@@ -270,6 +270,13 @@ class Arith(Section):
         "('<code>print(a*b)</code>' and its output, then the line 'a*b=c'), e.g. ['*'] or ['+', '-', '*']: the "
         "tool demo (docs/tools.md). Needs sampling.tools with its default markers. [] (default): no tool.",
     )
+    calculator_rate: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Fraction of those lines that call the tool in the warm-start solutions, drawn per line; the "
+        "rest are computed in the head. Below 1 the warm start learns both ways, and RL can learn when to call.",
+    )
     step_openers: list[Annotated[str, Field(max_length=32, pattern=r"^[^\n#0-9]*$")]] = Field(
         [],
         max_length=16,

@@ -78,8 +78,14 @@ def _arith_task(spec: Arith, prompts_per_iteration: int) -> Task:
 
     markers = ToolMarkers()  # the calculator's (the recipe keeps sampling.tools at these)
 
-    def worked(solution: str) -> str:
-        return arith.with_calculator(solution, markers, "".join(spec.calculator)) if spec.calculator else solution
+    operations = "".join(spec.calculator)
+
+    def worked(solution: str, rng: random.Random | None = None) -> str:
+        """The solution as the task grades and shows it; with `rng` (the warm start's), calls at calculator_rate."""
+        if not operations:
+            return solution
+        rate = spec.calculator_rate if rng is not None else 1.0
+        return arith.with_calculator(solution, markers, operations, rate, rng)
 
     def to_problem(p: arith.ArithProblem, ident: str) -> Problem:
         return Problem(id=ident, question=p.question, gold=p.answer, solution=worked(p.solution))
@@ -103,7 +109,7 @@ def _arith_task(spec: Arith, prompts_per_iteration: int) -> Task:
 
     def sft_examples(rng: random.Random, count: int) -> list[Problem]:
         batch = arith.sample_problems(rng, count, spec.sft_min_steps, spec.sft_max_steps, exclude, **knobs)
-        solutions = [worked(arith.with_openers(p.solution, openers, rng)) for p in batch]
+        solutions = [worked(arith.with_openers(p.solution, openers, rng), rng) for p in batch]
         return [Problem(id="sft", question=p.question, gold=p.answer, solution=s) for p, s in zip(batch, solutions)]
 
     return Task(
@@ -116,7 +122,11 @@ def _arith_task(spec: Arith, prompts_per_iteration: int) -> Task:
         penalize_truncated=spec.penalize_truncated,
         sft_examples=sft_examples,
         train_pool=train_pool if spec.train_pool_size is not None else None,
-        first_error=lambda response, problem: arith.first_error(response, problem.solution, openers),
+        first_error=(
+            (lambda response, problem: arith.calculator_first_error(response, problem.solution, markers, operations))
+            if operations
+            else (lambda response, problem: arith.first_error(response, problem.solution, openers))
+        ),
     )
 
 

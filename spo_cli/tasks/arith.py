@@ -196,20 +196,41 @@ def with_openers(solution: str, openers: Sequence[str], rng: random.Random) -> s
 WORKED_LINE = re.compile(r"^(-?\d+)([-+*])(\d+)=(-?\d+)$")
 
 
-def with_calculator(solution: str, markers: ToolMarkers, operations: str = "*") -> str:
+def with_calculator(
+    solution: str, markers: ToolMarkers, operations: str = "*", rate: float = 1.0, rng: random.Random | None = None
+) -> str:
     """`solution` with every worked line whose operation is in `operations` ("+", "-", "*") computed by a tool
     call first (the tool demo, docs/tools.md): the line "a*b=c" follows `code_start`print(a*b)`code_end` and the
     output block the tool loop appends, so the solution is exactly what a response that calls the tool reads
-    like. Other lines are unchanged."""
+    like. Other lines are unchanged. With `rate` < 1 each such line calls with that probability (`rng` draws)."""
     out = []
     for line in solution.split("\n"):
         found = WORKED_LINE.match(line)
-        if found is not None and found[2] in operations:
+        if found is not None and found[2] in operations and (rate >= 1.0 or rng.random() < rate):
             a, op, b, c = found.groups()
             call = f"{markers.code_start}print({a}{op}{b}){markers.code_end}"
             line = call + output_block(call, c + "\n", markers) + line
         out.append(line)
     return "\n".join(out)
+
+
+def without_calls(text: str, markers: ToolMarkers) -> str:
+    """`text` with every tool call and its output block removed (a calculator solution's plain lines)."""
+    call = re.escape(markers.code_start) + ".*?" + re.escape(markers.code_end)
+    output = re.escape(markers.output_start) + ".*?" + re.escape(markers.output_end) + "\n?"
+    return re.sub(call + r"\n?" + output, "", text, flags=re.S)
+
+
+def calculator_first_error(response: str, solution: str, markers: ToolMarkers, operations: str) -> int | None:
+    """`first_error` for a calculator task: each worked line of the operations the tool computes is correct with
+    or without its call before it (a line computed in the head is not a mistake; only a wrong number is)."""
+    *worked, answer = without_calls(solution, markers).split("\n")
+    steps = []
+    for line in worked:
+        found = WORKED_LINE.match(line)
+        called = with_calculator(line, markers, operations) + "\n"
+        steps.append([called, line + "\n"] if found is not None and found[2] in operations else [line + "\n"])
+    return first_departure(response, [*steps, [answer]])
 
 
 def first_error(response: str, solution: str, openers: Sequence[str] = ()) -> int | None:
@@ -227,9 +248,14 @@ def first_error(response: str, solution: str, openers: Sequence[str] = ()) -> in
         common = len(os.path.commonprefix([response, solution]))
         return None if common >= len(response.rstrip()) else common
     *worked, answer = solution.split("\n")
+    return first_departure(response, [[opener + line + "\n" for opener in openers] for line in worked] + [[answer]])
+
+
+def first_departure(response: str, steps: Sequence[Sequence[str]]) -> int | None:
+    """Where `response` leaves every correct reading of `steps` (each step one of its forms, in order), None when
+    it never does (correct, or a prefix of a correct response)."""
     pos = 0
-    lines = [[opener + line + "\n" for opener in openers] for line in worked] + [[answer]]
-    for expected in lines:
+    for expected in steps:
         rest = response[pos:]
         common = max(len(os.path.commonprefix([rest, form])) for form in expected)
         matched = next((form for form in expected if rest.startswith(form)), None)

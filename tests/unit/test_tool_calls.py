@@ -119,3 +119,30 @@ def test_tool_metrics_count_calls_and_failures():
     metrics = tool_metrics([episode(["ok", "error"]), episode(["ok"]), episode([]), episode(["timeout"])])
     assert metrics == {"tools/call_frequency": 1.0, "tools/failure_frequency": 0.5}
     assert tool_metrics([episode([])]) == {"tools/call_frequency": 0.0, "tools/failure_frequency": 0.0}
+
+
+def test_a_calculator_rate_below_one_mixes_called_and_plain_lines():
+    import random
+
+    from spo_cli.tasks.arith import with_calculator, without_calls
+
+    solution = "\n".join(f"{k}*2={2 * k}" for k in range(10, 50)) + "\n#### 98"
+    mixed = with_calculator(solution, RETOOL, "*", rate=0.5, rng=random.Random(0))
+    calls = mixed.count("<code>")
+    assert 10 <= calls <= 30, calls  # about half of the 40 lines
+    assert without_calls(mixed, RETOOL) == solution and without_calls(with_calculator(solution, RETOOL), RETOOL) == solution
+    assert with_calculator(solution, RETOOL, "*", rate=1.0) == with_calculator(solution, RETOOL)
+
+
+def test_calculator_first_error_accepts_a_line_with_or_without_its_call():
+    from spo_cli.tasks.arith import calculator_first_error, with_calculator
+
+    solution = with_calculator("12*34=408\n408+5=413\n#### 413", RETOOL, "*+")
+    in_head = "12*34=408\n408+5=413\n#### 413"
+    assert calculator_first_error(in_head, solution, RETOOL, "*+") is None
+    assert calculator_first_error(solution, solution, RETOOL, "*+") is None
+    wrong = "12*34=408\n408+5=414\n#### 414"
+    assert calculator_first_error(wrong, solution, RETOOL, "*+") == len("12*34=408\n408+5=41")
+    # a wrong copy of the tool's output departs at its digit
+    called_wrong = solution.replace("12*34=408\n", "12*34=418\n", 1)
+    assert calculator_first_error(called_wrong, solution, RETOOL, "*+") == solution.index("12*34=408\n") + len("12*34=4")
