@@ -115,7 +115,8 @@ class LocalSandbox:
             "limits": {"cpu_seconds": limits.cpu_seconds, "memory_mb": limits.memory_mb,
                        "disk_mb": limits.disk_mb, "open_files": limits.open_files},
         }  # fmt: skip
-        return [*(UNSHARE if isolate else []), self.python, "-I", str(CHILD), json.dumps(config)]
+        # -S: the wrapper needs only the standard library (the code itself runs with site-packages)
+        return [*(UNSHARE if isolate else []), self.python, "-I", "-S", str(CHILD), json.dumps(config)]
 
     def _run_in(self, code: str, workdir: Path, cgroup: Path | None, isolate: bool | None = None) -> tuple[str, str]:
         isolate = self.isolate if isolate is None else isolate
