@@ -20,20 +20,18 @@ from spo_cli.lora import AdapterDisabledReference, apply_lora, merged_state_dict
 from spo_cli.recipe import Lora
 
 from ..conftest import REPO, free_port, tiny_recipe_dict, write_recipe
+from .test_distributed import SECTIONS as DISTRIBUTED_SECTIONS
 from .test_distributed import assert_same_training, metrics
 
 LORA = {"r": 4, "lora_alpha": 8.0}
-# test_distributed's settings (every iteration trains, a KL term), with adapters and a learning rate for them.
-SECTIONS = dict(
-    train={"iterations": 4, "save_steps": 1, "save_total_limit": 2},
-    task={"min_steps": 1, "max_steps": 1, "sft_min_steps": 1, "sft_max_steps": 1, "eval_steps": [1], "eval_per_step": 8},
-    warm_start={"steps": 300, "batch_size": 16, "log_every": 100},
-    sampling={"prompts_per_iteration": 8},
-    loss={"beta": 0.01},
-    optim={"learning_rate": 1e-3},
-    lora=LORA,
-)
-
+# test_distributed's settings (every iteration trains, a KL term), with a checkpoint every iteration, adapters and
+# a learning rate for them.
+SECTIONS = {
+    **DISTRIBUTED_SECTIONS,
+    "train": {**DISTRIBUTED_SECTIONS["train"], "save_steps": 1, "save_total_limit": 2},
+    "optim": {"learning_rate": 1e-3},
+    "lora": LORA,
+}
 
 def ids(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor([tokenizer(text).input_ids])
