@@ -87,21 +87,34 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     return [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
 
 
-def finish_response(tokenizer, tokens: Sequence[int], params: SamplingParams) -> tuple[list[int], str, str]:
+def finish_response(
+    tokenizer, tokens: Sequence[int], params: SamplingParams, prompt_ids: Sequence[int] = ()
+) -> tuple[list[int], str, str]:
     """Cut raw generated tokens at EOS or a stop string: (response ids, text, finish_reason).
 
-    Every backend ends its responses here, so they agree on where a response stops and what it keeps.
+    Every backend ends its responses here, so they agree on where a response stops and what it keeps. A stop
+    string may begin in the prompt's last characters (a Monte Carlo state or a tool turn that ends inside one, e.g.
+    "\n```\n" after a line's newline): it stops the response at the token that completes it, as Hugging Face's
+    generate stops there, and a stop string that is not kept then leaves the response empty.
     """
     tokens = list(tokens)
     eos = tokenizer.eos_token_id
     eos_at = tokens.index(eos) if eos in tokens else None
     body = tokens if eos_at is None else tokens[:eos_at]
     text = tokenizer.decode(body, skip_special_tokens=True)
-    found = [(i, s in params.keep_stop, s) for s in (*params.stop, *params.keep_stop) if (i := text.find(s)) >= 0]
+    tail = _prompt_tail(tokenizer, prompt_ids, (*params.stop, *params.keep_stop))
+    full = tail + text
+    found = [
+        (i - len(tail), s in params.keep_stop, s)
+        for s in (*params.stop, *params.keep_stop)
+        if (i := full.find(s, max(0, len(tail) - len(s) + 1))) >= 0
+    ]
     if found:
         cut, keep, stop = min(found)
         if keep:  # the shortest token prefix whose text holds the whole stop string
             body = body[: _tokens_reaching(tokenizer, body, cut + len(stop))]
+        elif cut < 0:  # it began in the prompt: nothing of the response comes before it
+            body = []
         else:
             # The longest token prefix whose text ends before the stop string (the token that completes the stop
             # string may carry a few characters of the answer; those are dropped).
@@ -110,6 +123,16 @@ def finish_response(tokenizer, tokens: Sequence[int], params: SamplingParams) ->
     if eos_at is not None:
         return (body + [eos] if params.keep_eos_token else body), text, "stop"
     return body, text, "length"
+
+
+def _prompt_tail(tokenizer, prompt_ids: Sequence[int], stops: Sequence[str]) -> str:
+    """The prompt's last characters that a stop string may begin in (one fewer than the longest stop string)."""
+    longest = max((len(s) for s in stops), default=0)
+    if longest <= 1 or not prompt_ids:
+        return ""
+    # A token is at least one character, but a few special or partial-byte tokens decode to none: look further.
+    text = tokenizer.decode(list(prompt_ids[-(2 * longest) :]), skip_special_tokens=True)
+    return text[-(longest - 1) :]
 
 
 def _tokens_reaching(tokenizer, body: Sequence[int], chars: int) -> int:

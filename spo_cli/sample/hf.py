@@ -86,7 +86,7 @@ class HFSampler:
         for ids, budget, outs in zip(prompt_ids, budgets, raw):
             group = []
             for tokens, logprobs, entropies in outs:
-                response, text, reason = finish_response(self.tokenizer, tokens[:budget], params)
+                response, text, reason = finish_response(self.tokenizer, tokens[:budget], params, ids)
                 group.append(
                     Completion(
                         prompt_token_ids=list(ids),

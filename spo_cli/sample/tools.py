@@ -156,13 +156,14 @@ class ToolLoopSampler:
         return response
 
     def _calls_tool(self, response: _Response) -> bool:
-        """The latest turn stopped at a closed code block, and calls are left."""
-        return (
-            response.finish_reason == "stop"
-            and len(response.tool_calls) < response.calls_allowed
-            and self.markers.code_end in response.turn_text
-            and self._code(response) is not None
-        )
+        """The latest turn stopped at a closed code block, and calls are left. The block's end marker may have
+        begun before the turn (a Monte Carlo state that ends inside it); it ends in the turn."""
+        if response.finish_reason != "stop" or len(response.tool_calls) >= response.calls_allowed:
+            return False
+        text = self.tokenizer.decode(response.prompt + response.tokens, skip_special_tokens=True)
+        closed = text.rfind(self.markers.code_end)
+        turn_start = len(text) - len(response.turn_text)
+        return closed >= 0 and closed + len(self.markers.code_end) > turn_start and self._code(response) is not None
 
     def _code(self, response: _Response) -> str | None:
         """The block the latest turn closed. It may have opened before this call's response: a Monte Carlo rollout

@@ -243,7 +243,7 @@ class VLLMSampler:
         for ids, outs in zip(prompt_ids, raw):
             group = []
             for tokens, engine_logprobs in outs:
-                response, text, reason = finish_response(self.tokenizer, tokens, params)
+                response, text, reason = finish_response(self.tokenizer, tokens, params, ids)
                 group.append(
                     Completion(
                         prompt_token_ids=list(ids),

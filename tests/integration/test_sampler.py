@@ -91,6 +91,22 @@ def test_a_kept_stop_string_ends_the_response_with_it(tiny_policy):
     assert finish_response(tok, first, tool)[1:] == ("", "stop")
 
 
+def test_a_stop_string_that_began_in_the_prompt_ends_the_response(tiny_policy):
+    # A Monte Carlo state that ends inside a stop string: the token that completes it stops the response (where
+    # Hugging Face's generate stops), kept or not; one wholly inside the prompt does not count.
+    _, tok = tiny_policy
+    prompt = tok("x = 1\nprint(x)\n", add_special_tokens=False)["input_ids"]
+    rest = tok("```\nmore", add_special_tokens=False)["input_ids"]
+    fence = SamplingParams(keep_stop=("\n```\n",))
+    ids, text, reason = finish_response(tok, rest, fence, prompt)
+    assert (text, reason) == ("```\n", "stop") and ids == rest[: len("```\n")]
+    assert finish_response(tok, rest, fence)[1:] == ("```\nmore", "length"), "without the prompt: no stop"
+    dropped = SamplingParams(stop=("\n```",))
+    assert finish_response(tok, rest, dropped, prompt)[:2] == ([], "")
+    inside = SamplingParams(stop=("print",))
+    assert finish_response(tok, rest, inside, prompt)[1:] == ("```\nmore", "length")
+
+
 def test_policy_collate_alignment():
     batch = collate([[1, 2], [3]], [[7, 8, 9], [6]], pad_id=0)
     assert batch.input_ids.tolist() == [[1, 2, 7, 8, 9], [3, 6, 0, 0, 0]]
