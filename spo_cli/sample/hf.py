@@ -129,7 +129,7 @@ class HFSampler:
             top_k=(params.top_k or None) if not greedy else None,
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
-            stop_strings=list(params.stop + params.keep_stop) or None,
+            stop_strings=[*params.stop, *params.keep_stop] or None,
         )
         recorder = LogprobRecorder(params.temperature or 1.0) if params.logprobs else None
         input_ids, attention = input_ids.to(self.runtime.device), attention.to(self.runtime.device)

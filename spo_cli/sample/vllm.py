@@ -292,7 +292,7 @@ class VLLMSampler:
                 top_k=params.top_k,  # 0 = off, as in the recipe
                 max_tokens=budget,
                 seed=derive_seed(seed, "vllm", offset + i),
-                stop=list(params.stop + params.keep_stop) or None,
+                stop=[*params.stop, *params.keep_stop] or None,
                 # Keep every token up to the one that completes the stop string: finish_response cuts there, as it
                 # does for the HF backend, and text after the cut is not needed.
                 include_stop_str_in_output=True,

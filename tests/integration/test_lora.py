@@ -169,7 +169,12 @@ def test_a_killed_lora_run_resumes_to_the_uninterrupted_result(one, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name,hardware", [("ddp", {"num_processes": 2}), ("zero2", {"num_processes": 2, "deepspeed": {"zero_stage": 2}})]
+    "name,hardware",
+    [
+        ("ddp", {"num_processes": 2}),
+        # ~2 minutes (DeepSpeed's start in two processes): CI's end-to-end phase, to keep the default suite short
+        pytest.param("zero2", {"num_processes": 2, "deepspeed": {"zero_stage": 2}}, marks=pytest.mark.slow),
+    ],
 )
 def test_two_processes_train_lora_like_one(one, tmp_path, name, hardware):
     path = lora_recipe(tmp_path, name, hardware)

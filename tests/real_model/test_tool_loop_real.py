@@ -105,10 +105,10 @@ def test_spo_chain_rollouts_through_a_tool_call(hf_backend, hf_group):
     starts = [seg.start for seg in partitioned.segments if seg.is_boundary]
     assert not any(start < b < end for b in starts) and any(b >= end for b in starts), starts
 
-    params = SamplingParams(n=2, temperature=0.7, max_new_tokens=48, logprobs=False)
+    params = SamplingParams(n=2, temperature=0.7, max_new_tokens=32, logprobs=False)
     rollouts = Recording(tool_loop(backend, tokenizer, max_tool_calls=1))
     values = MonteCarloValues(rollouts, tokenizer, build_task(Arith(), 1), params, 0.0, run_seed=0)
-    (estimated,), stats = estimate_advantages([partitioned], McChain(rollouts=2, max_new_tokens=48), values)
+    (estimated,), stats = estimate_advantages([partitioned], McChain(rollouts=2, max_new_tokens=32), values)
     assert stats["mc/unique_states"] == len(starts) and estimated.token_advantages is not None
     after = [i for i, b in enumerate(starts) if b >= end]
     assert [rollouts.calls_made[0][i] for i in after] == [1] * len(after)
