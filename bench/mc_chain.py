@@ -8,7 +8,9 @@ cutpoints, and values every boundary state with `rollouts` continuations twice:
 - spo: identical states valued once, each state prefilled once and its KV cache branched n ways.
 
 Reports the tokens the model's forward passes processed (a hook counts `input_ids` elements, padding
-included: it is computed) and the wall time of each, as ratios. Run from the repository root:
+included: it is computed) and the wall time of each, as ratios, and spo's tokens against the ideal: each distinct
+state's tokens (prompt + prefix) once plus every continuation token once, nothing padded. Run from the repository
+root:
 
     python bench/mc_chain.py                      # short warm start first (~1 min on 2 cores)
     python bench/mc_chain.py --policy runs/tiny_arith_chain/warm_start
@@ -84,7 +86,7 @@ def main() -> None:
     counted = [0]
     model.register_forward_pre_hook(lambda m, a, kw: counted.__setitem__(0, counted[0] + kw["input_ids"].numel()), with_kwargs=True)
 
-    def measure(shared_prefill: bool, batch: list) -> tuple[int, float, list[float]]:
+    def measure(shared_prefill: bool, batch: list) -> tuple[int, float, list[float], int]:
         values = build_state_values(
             recipe, HFSampler(model, tokenizer, runtime, recipe.sampling.generation_batch_size, shared_prefill),
             tokenizer, task, model.config.max_position_embeddings,
@@ -93,13 +95,15 @@ def main() -> None:
         start = time.perf_counter()
         with torch.no_grad():
             v = values(batch, 1)
-        return counted[0], time.perf_counter() - start, v
+        return counted[0], time.perf_counter() - start, v, values.generated_tokens
 
     measure(True, unique[:4])  # warm-up (first-call allocations, lazy imports)
-    naive_tokens, naive_s, naive_v = measure(False, states)
-    dedup_tokens, dedup_s, _ = measure(False, unique)
-    ours_tokens, ours_s, ours_v = measure(True, unique)
+    naive_tokens, naive_s, naive_v, _ = measure(False, states)
+    dedup_tokens, dedup_s, _, _ = measure(False, unique)
+    ours_tokens, ours_s, ours_v, ours_generated = measure(True, unique)
     task.close()
+    # The ideal for spo's own rollouts: each distinct state read once, each token its continuations sampled once.
+    ideal_tokens = sum(len(s.prompt_token_ids) + len(s.prefix_token_ids) for s in unique) + ours_generated
 
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     Console().print(
@@ -108,6 +112,8 @@ def main() -> None:
         f"| naive (per trajectory state, n-fold prefill) | {naive_tokens:,} | {naive_s:.2f} | 1.00 | 1.00 |\n"
         f"| distinct states, n-fold prefill | {dedup_tokens:,} | {dedup_s:.2f} | {dedup_tokens / naive_tokens:.3f} | {dedup_s / naive_s:.3f} |\n"
         f"| spo (distinct states, shared prefill + KV branch) | {ours_tokens:,} | {ours_s:.2f} | {ours_tokens / naive_tokens:.3f} | {ours_s / naive_s:.3f} |\n"
+        f"| ideal (distinct states once + continuation tokens once, no padding) | {ideal_tokens:,} | | {ideal_tokens / naive_tokens:.3f} | |\n"
+        f"\nspo's forward tokens / the ideal: {ours_tokens / ideal_tokens:.3f}"
         f"\nspo computes {naive_tokens / ours_tokens:.2f}x fewer forward tokens and runs {naive_s / ours_s:.2f}x faster "
         f"than the naive implementation (mean state value {mean(naive_v):.3f} naive, {mean(ours_v):.3f} spo: "
         "different random streams, the same estimator)."
