@@ -88,6 +88,168 @@ def forward_logprobs(
     return logprobs, entropy
 
 
+@dataclass
+class PackedBatch:
+    """Episodes laid out for the update with no wasted forward work: each distinct prompt once per row, followed by
+    every response to it, each response attending to that prompt and to itself only; the LM head runs only at
+    the positions that predict a response token.
+
+    The log-probabilities it yields are laid out [B, R]: row i holds episode i's response tokens from position 0
+    (`response_mask` marks them), so per-episode aggregations (rows) mean what they mean for `TokenBatch`.
+
+    With `shared_prompts` False (an attention implementation that cannot take a 4-D mask, e.g. FlashAttention)
+    every episode gets its own right-padded row, and only the LM-head saving remains.
+    """
+
+    input_ids: torch.Tensor  # [G, L]
+    attention_mask: torch.Tensor  # [G, 1, L, L] bool (True: attend) when shared_prompts, else [G, L] 0/1
+    position_ids: torch.Tensor | None  # [G, L] when shared_prompts
+    hidden_rows: torch.Tensor  # [N] row of the hidden state that predicts each response token, episode by episode
+    hidden_cols: torch.Tensor  # [N] its column
+    labels: torch.Tensor  # [N] the response tokens
+    response_mask: torch.Tensor  # [B, R] 1 at response tokens
+    response_lengths: list[int]
+
+    def to(self, device: str) -> PackedBatch:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return PackedBatch(*(move(t) for t in (self.input_ids, self.attention_mask, self.position_ids,
+                                               self.hidden_rows, self.hidden_cols, self.labels, self.response_mask)),
+                           self.response_lengths)  # fmt: skip
+
+    @property
+    def tokens(self) -> int:
+        """Positions the forward pass computes (padding included)."""
+        return self.input_ids.numel()
+
+    def scatter(self, per_response: Sequence[Sequence[float]], dtype=torch.float32) -> torch.Tensor:
+        """Per-response-token values as [B, R] (zeros past each response's end)."""
+        out = torch.zeros(self.response_mask.shape, dtype=dtype)
+        for i, values in enumerate(per_response):
+            if len(values):
+                out[i, : len(values)] = torch.as_tensor(values, dtype=dtype)
+        return out.to(self.response_mask.device)
+
+    def gather(self, tensor: torch.Tensor) -> list[list[float]]:
+        """Inverse of `scatter`."""
+        rows = tensor.detach().float().cpu()
+        return [rows[i, :n].tolist() for i, n in enumerate(self.response_lengths)]
+
+    def place(self, flat: torch.Tensor) -> torch.Tensor:
+        """[N] values, episode by episode, as [B, R] (differentiable; zeros past each response's end)."""
+        width = self.response_mask.shape[1]
+        index = torch.cat([torch.arange(n, device=flat.device) + i * width for i, n in enumerate(self.response_lengths)])
+        out = flat.new_zeros(self.response_mask.numel())
+        return out.index_put((index,), flat).view(self.response_mask.shape)
+
+
+def pack(
+    prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_id: int, shared_prompts: bool = True
+) -> PackedBatch:
+    """Lay out (prompt, response) pairs as a `PackedBatch`: one row per distinct prompt (in order of first
+    appearance) holding the prompt and then each of its responses, rows right-padded to the longest; or, without
+    `shared_prompts`, one right-padded row per pair. Every prompt must have at least one token."""
+    if any(not p for p in prompt_ids):
+        raise ValueError("every sequence needs at least one prompt token")
+    rows: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(prompt_ids):
+        rows.setdefault(tuple(p) if shared_prompts else (i,), []).append(i)
+    lengths = [len(prompt_ids[m[0]]) + sum(len(response_ids[i]) for i in m) for m in rows.values()]
+    width = max(lengths)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    attend = torch.zeros((len(rows), width, width), dtype=torch.bool) if shared_prompts else None
+    hidden_at: list[tuple[int, list[int]]] = [(0, [])] * len(prompt_ids)
+    for g, members in enumerate(rows.values()):
+        prompt = list(prompt_ids[members[0]])
+        p = len(prompt)
+        input_ids[g, :p] = torch.as_tensor(prompt)
+        positions[g, :p] = torch.arange(p)
+        if attend is not None:
+            attend[g, :p, :p] = torch.ones(p, p, dtype=torch.bool).tril()
+        start = p
+        for i in members:
+            r = len(response_ids[i])
+            input_ids[g, start : start + r] = torch.as_tensor(list(response_ids[i]), dtype=torch.long)
+            positions[g, start : start + r] = torch.arange(p, p + r)
+            if attend is not None:
+                attend[g, start : start + r, :p] = True
+                attend[g, start : start + r, start : start + r] = torch.ones(r, r, dtype=torch.bool).tril()
+            # Token j of the response is predicted at position j - 1 of the sequence prompt + response.
+            hidden_at[i] = (g, ([p - 1] + list(range(start, start + r - 1)))[:r])
+            start += r
+        if attend is not None:
+            # A padding query attending to nothing would be NaN in the softmax, and NaN poisons the backward pass.
+            pad = torch.arange(start, width)
+            attend[g, pad, pad] = True
+    response_lengths = [len(r) for r in response_ids]
+    response_mask = torch.zeros((len(prompt_ids), max(response_lengths, default=0)), dtype=torch.float32)
+    for i, n in enumerate(response_lengths):
+        response_mask[i, :n] = 1.0
+    return PackedBatch(
+        input_ids=input_ids,
+        attention_mask=attend.unsqueeze(1) if attend is not None else (torch.arange(width) < torch.tensor(lengths)[:, None]).long(),
+        position_ids=positions if shared_prompts else None,
+        hidden_rows=torch.as_tensor([g for g, cols in hidden_at for _ in cols], dtype=torch.long),
+        hidden_cols=torch.as_tensor([c for _, cols in hidden_at for c in cols], dtype=torch.long),
+        labels=torch.as_tensor([t for r in response_ids for t in r], dtype=torch.long),
+        response_mask=response_mask,
+        response_lengths=response_lengths,
+    )
+
+
+def shares_prompts(model) -> bool:
+    """Whether `model`'s attention takes the 4-D mask `pack` builds to share prompts (eager and SDPA do;
+    FlashAttention kernels take no arbitrary mask)."""
+    return _attention_implementation(model) in ("sdpa", "eager")
+
+
+def _attention_implementation(model) -> str | None:
+    while not hasattr(model, "config") and hasattr(model, "module"):
+        model = model.module
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
+def packed_logprobs(
+    model, batch: PackedBatch, temperature: float, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probabilities [B, R] of every response token at `temperature` (and entropies if asked), laid out as
+    `batch.response_mask`. The LM head sees only the [N] hidden states that predict a response token: a hook on
+    the output embedding picks them, so no logits are computed at prompt or padding positions."""
+    head = _output_embedding(model)
+    mask = batch.attention_mask
+    if mask.dim() == 4 and _attention_implementation(model) == "eager":
+        # Eager attention adds its mask to the scores: an additive mask, not a boolean one.
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    rows, cols = batch.hidden_rows, batch.hidden_cols
+    handle = head.register_forward_pre_hook(lambda _, args: (args[0][rows, cols].unsqueeze(1), *args[1:]))
+    try:
+        logits = model(
+            input_ids=batch.input_ids,
+            attention_mask=mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).logits  # [N, 1, V]: one token per row keeps token_log_probs' chunks small
+    finally:
+        handle.remove()
+    logprobs = token_log_probs(logits, batch.labels.unsqueeze(1), temperature).squeeze(1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = batch.place(token_entropy(logits.detach(), temperature).squeeze(1))
+    return batch.place(logprobs), entropy
+
+
+def _output_embedding(model) -> torch.nn.Module:
+    """The LM head of `model`, through DDP/DeepSpeed (`.module`) and PEFT wrappers."""
+    while not hasattr(model, "get_output_embeddings") and hasattr(model, "module"):
+        model = model.module
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding (LM head) to score tokens with")
+    return head
+
+
 @torch.no_grad()
 def score_responses(
     model,
@@ -102,15 +264,17 @@ def score_responses(
     with_entropy: bool = False,
 ) -> tuple[list[list[float]], list[list[float]] | None]:
     """log pi(y_t | x, y_<t) for every response token (and the entropy at each), `batch_size` sequences a pass."""
-    # Sorting by length keeps padding (wasted compute) low; the order is restored afterwards.
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(response_ids[i]))
+    # Identical prompts side by side (`pack` reads each once per pass), and similar lengths together (less
+    # padding); the order is restored afterwards.
+    order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), tuple(prompt_ids[i]), len(response_ids[i])))
+    shared = shares_prompts(model)
     scored: dict[int, list[float]] = {}
     entropies: dict[int, list[float]] = {}
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        batch = collate([prompt_ids[i] for i in idx], [response_ids[i] for i in idx], pad_id).to(device)
+        batch = pack([prompt_ids[i] for i in idx], [response_ids[i] for i in idx], pad_id, shared).to(device)
         with autocast():
-            logprobs, entropy = forward_logprobs(model, batch, temperature, with_entropy=with_entropy)
+            logprobs, entropy = packed_logprobs(model, batch, temperature, with_entropy=with_entropy)
         scored.update(zip(idx, batch.gather(logprobs)))
         if entropy is not None:
             entropies.update(zip(idx, batch.gather(entropy)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -14,7 +14,7 @@ from spo_cli.episode import Episode, policy_token_mask, token_advantages
 from spo_cli.hardware import Runtime
 from spo_cli.estimate.critic.loss import critic_loss, step_critic
 from spo_cli.optimize.loss import LossInputs, LossOutputs, masked_whiten, ppo_clip_loss
-from spo_cli.policy import collate, forward_logprobs, score_responses
+from spo_cli.policy import collate, pack, packed_logprobs, score_responses, shares_prompts
 from spo_cli.recipe import PpoClip, Train
 
 if TYPE_CHECKING:
@@ -100,6 +100,10 @@ def ppo_update(
         [trained_token_count(ep, rho) for ep in episodes],
         [sum(t is not None for t in ep.value_targets or []) for ep in episodes],
         train, loss.loss_agg, cluster.rank, cluster.world_size, rng,
+        # Regrouping a process's share into micro-batches leaves the gradient as it is (every micro-batch is
+        # normalised by its mini-batch), unless a setting acts per micro-batch.
+        prompt_keys=None if loss.whiten_advantages or loss.skip_ratio_above is not None
+        else [tuple(ep.prompt_token_ids) for ep in episodes],
     )  # fmt: skip
     sums = UpdateSums()
     learner.model.train()
@@ -157,11 +161,16 @@ def mini_batch_plan(
     rank: int,
     world_size: int,
     rng: random.Random,
+    prompt_keys: Sequence[Hashable] | None = None,
 ) -> list[MiniBatch]:
     """The mini-batches of `train.ppo_epochs` passes over episodes with these trained and value-target token
     counts: each epoch shuffles the order (when `train.shuffle_episodes`), cuts it into mini-batches of
     `micro * accumulation * world_size` episodes, and gives process `rank` the episodes `rank::world_size` of
     each, in micro-batches of `per_device_train_batch_size` (filled up to the count the fullest process runs).
+
+    With `prompt_keys` (one per episode), a process's share of a mini-batch is ordered so that episodes with the
+    same prompt are neighbours before it is cut into micro-batches: `pack` then reads each prompt once per
+    micro-batch.
 
     The token-mean normaliser is the mini-batch's trained tokens; the sequence-mean one its episodes with any
     trained token."""
@@ -175,6 +184,11 @@ def mini_batch_plan(
         for start in range(0, len(order), per_step):
             mini = order[start : start + per_step]
             mine = mini[rank::world_size]
+            if prompt_keys is not None:
+                first = {}
+                for i in mine:
+                    first.setdefault(prompt_keys[i], len(first))
+                mine = sorted(mine, key=lambda i: first[prompt_keys[i]])
             n_micro = math.ceil(math.ceil(len(mini) / world_size) / micro)
             micro_batches = [
                 MicroBatch(mine[k * micro : (k + 1) * micro] or mini[:1], bool(mine[k * micro : (k + 1) * micro]))
@@ -195,11 +209,11 @@ def _train_micro_batch(
     """Forward and backward one micro-batch (policy loss, and the critic's value loss with a critic) and add its
     metrics to `sums` (a filler's are not added)."""
     episodes = [inputs.episodes[i] for i in micro.indices]
+    prompts, responses = [ep.prompt_token_ids for ep in episodes], [ep.response_token_ids for ep in episodes]
     with learner.micro_batch(last=last):
-        batch = collate([ep.prompt_token_ids for ep in episodes], [ep.response_token_ids for ep in episodes], pad_id)
-        batch = batch.to(runtime.device)
+        batch = pack(prompts, responses, pad_id, shared_prompts=shares_prompts(learner.model)).to(runtime.device)
         with runtime.autocast():
-            logprobs, entropy = forward_logprobs(learner.model, batch, temperature, with_entropy=True)
+            logprobs, entropy = packed_logprobs(learner.model, batch, temperature, with_entropy=True)
         # The policy's tokens only: a tool's output is neither trained nor counted in the entropy.
         mask = batch.response_mask
         if any(ep.tool_spans for ep in episodes):
@@ -211,7 +225,8 @@ def _train_micro_batch(
         total = out.loss * 0.0 if skipped or not micro.real else out.loss
         value_metrics = None
         if critic is not None:
-            value_loss, value_metrics = critic_loss(critic, batch, episodes, mini.value_normalizer, runtime)
+            value_batch = collate(prompts, responses, pad_id).to(runtime.device)
+            value_loss, value_metrics = critic_loss(critic, value_batch, episodes, mini.value_normalizer, runtime)
             total = total + critic.vf_coef * value_loss * float(micro.real)
         # DDP and DeepSpeed average gradients over processes; each share is normalised by the whole
         # mini-batch, so the sum over processes is the loss: undo the average.

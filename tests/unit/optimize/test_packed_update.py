@@ -1,0 +1,147 @@
+"""The pad-free update: `pack` reads each prompt once and computes logits only where a response token is predicted;
+its log-probabilities, entropies, gradients and a whole PPO update equal the right-padded layout's up to float
+rounding."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+from spo_cli.episode import Episode, Segment
+from spo_cli.hardware import Runtime
+from spo_cli.optimize.learner import LocalLearner
+from spo_cli.optimize.loss import LossInputs, ppo_clip_loss
+from spo_cli.optimize.schedule import build_scheduler
+from spo_cli.optimize.step import mini_batch_plan, ppo_update
+from spo_cli.policy import collate, forward_logprobs, pack, packed_logprobs
+from spo_cli.recipe import PpoClip, Train
+
+
+def test_pack_lays_out_each_prompt_once_with_its_responses():
+    batch = pack([[5, 6], [5, 6], [7]], [[1, 2], [3], [4, 8]], pad_id=0)
+    assert batch.input_ids.tolist() == [[5, 6, 1, 2, 3], [7, 4, 8, 0, 0]]
+    # Each response continues its prompt's positions.
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 2], [0, 1, 2, 0, 0]]
+    # Response token j is predicted at the position before it: the prompt's last token for j = 0.
+    predicted_at = list(zip(batch.hidden_rows.tolist(), batch.hidden_cols.tolist()))
+    assert predicted_at == [(0, 1), (0, 2), (0, 1), (1, 0), (1, 1)]
+    assert batch.labels.tolist() == [1, 2, 3, 4, 8]
+    attend = batch.attention_mask[:, 0]
+    assert attend[0, 4].tolist() == [True, True, False, False, True]  # token 3 sees the prompt and itself only
+    assert attend[0, 3].tolist() == [True, True, True, True, False]
+    assert attend[1, 3].tolist() == [False, False, False, True, False]  # padding sees itself (no NaN row)
+    assert batch.response_mask.tolist() == [[1, 1], [1, 0], [1, 1]]
+    assert batch.tokens == 10
+
+
+def test_without_shared_prompts_every_pair_has_its_own_row():
+    batch = pack([[5, 6], [5, 6]], [[1, 2], [3]], pad_id=0, shared_prompts=False)
+    assert batch.input_ids.tolist() == [[5, 6, 1, 2], [5, 6, 3, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert batch.position_ids is None
+    assert list(zip(batch.hidden_rows.tolist(), batch.hidden_cols.tolist())) == [(0, 1), (0, 2), (1, 1)]
+
+
+def sample_pairs(seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Three prompts of 1-11 tokens, three responses each of 0-8 tokens, interleaved."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, 200) for _ in range(rng.randrange(1, 12))] for _ in range(3)]
+    responses = [[rng.randrange(3, 200) for _ in range(rng.randrange(0, 9))] for _ in range(9)]
+    return [prompts[k % 3] for k in range(9)], responses
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_packed_log_probs_entropies_and_gradients_equal_the_padded_ones(arch, attention, shared):
+    from spo_cli.models import build_byte_tokenizer, build_tiny_model
+    from spo_cli.recipe import TinyModel
+
+    tokenizer = build_byte_tokenizer()
+    model = build_tiny_model(TinyModel(arch=arch, hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                                       num_key_value_heads=1), tokenizer, seed=0)  # fmt: skip
+    model.config._attn_implementation = attention
+    prompts, responses = sample_pairs(1)
+
+    padded = collate(prompts, responses, pad_id=0)
+    logprobs, entropy = forward_logprobs(model, padded, 0.7, with_entropy=True)
+    (logprobs * padded.response_mask * torch.linspace(0.5, 1.5, logprobs.shape[1])).sum().backward()
+    want_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    packed = pack(prompts, responses, pad_id=0, shared_prompts=shared)
+    got, got_entropy = packed_logprobs(model, packed, 0.7, with_entropy=True)
+    # The same weights per token: position j of response i sits at column p_i - 1 + j of the padded layout.
+    weights = packed.scatter([padded.gather(torch.linspace(0.5, 1.5, logprobs.shape[1]).expand_as(logprobs))[i]
+                              for i in range(len(responses))])  # fmt: skip
+    (got * packed.response_mask * weights).sum().backward()
+
+    for want, have in ((padded.gather(logprobs), packed.gather(got)), (padded.gather(entropy), packed.gather(got_entropy))):
+        assert [len(r) for r in have] == [len(r) for r in responses]
+        assert max(abs(a - b) for x, y in zip(want, have) for a, b in zip(x, y)) < 1e-5
+    for want, p in zip(want_grads, model.parameters()):
+        torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-5)
+    if shared:
+        assert packed.tokens < padded.input_ids.numel()
+
+
+def episodes_of_two_groups() -> list[Episode]:
+    prompts, responses = sample_pairs(2)
+    rng = random.Random(3)
+    out = []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        advantage = rng.choice([-1.0, 0.5, 1.0])
+        out.append(Episode(
+            id=f"e{i}", group_id=f"g{i % 3}", prompt="p", response="r", prompt_token_ids=p, response_token_ids=r,
+            response_logprobs=[-rng.uniform(1.0, 6.0) for _ in r], finish_reason="stop", reward=1.0,
+            segments=[Segment(start=0, end=len(r), advantage=advantage)] if r else [],
+            token_advantages=[advantage] * len(r),
+        ))  # fmt: skip
+    return out
+
+
+def test_a_ppo_update_equals_the_padded_loss_over_the_whole_mini_batch(tiny_policy):
+    """One optimizer step (SGD) over 9 episodes in micro-batches of 2, regrouped by prompt, against one right-padded
+    forward and backward of the token-mean PPO-clip loss over all of them."""
+    model, _ = tiny_policy
+    episodes = episodes_of_two_groups()
+
+    policy = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
+    learner = LocalLearner(policy, optimizer, build_scheduler(optimizer, total_steps=1, warmup_steps=0,
+                                                               kind="constant"), max_grad_norm=1e9)  # fmt: skip
+    metrics = ppo_update(
+        learner, episodes, loss=PpoClip(epsilon=0.2), train=Train(per_device_train_batch_size=2, gradient_accumulation_steps=5),
+        temperature=1.0, runtime=Runtime("cpu", bf16=False), pad_id=0, rng=random.Random(0),
+    )  # fmt: skip
+    assert metrics["optimizer_steps"] == 1
+
+    reference = copy.deepcopy(model).train()
+    batch = collate([e.prompt_token_ids for e in episodes], [e.response_token_ids for e in episodes], pad_id=0)
+    logprobs, _ = forward_logprobs(reference, batch, 1.0)
+    out = ppo_clip_loss(
+        LossInputs(logprobs=logprobs, old_logprobs=batch.scatter([e.response_logprobs for e in episodes]),
+                   advantages=batch.scatter([e.token_advantages for e in episodes]), mask=batch.response_mask),
+        epsilon_low=0.2, epsilon_high=0.2, beta=0.0, normalizer=float(batch.response_mask.sum()),
+    )  # fmt: skip
+    out.loss.backward()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p -= 0.1 * p.grad
+    moved = max(float((a - b).detach().abs().max()) for a, b in zip(reference.parameters(), model.parameters()))
+    assert moved > 1e-4, "the update must move the weights for the comparison to mean anything"
+    for want, have in zip(reference.parameters(), policy.parameters()):
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-6)
+
+
+def test_micro_batches_hold_episodes_of_one_prompt_together():
+    keys = ["a", "b", "c", "a", "b", "c", "a", "b"]
+    train = Train(per_device_train_batch_size=3, gradient_accumulation_steps=3, shuffle_episodes=False)
+    grouped = mini_batch_plan([1] * 8, [0] * 8, train, "token_mean", 0, 1, random.Random(0), prompt_keys=keys)
+    assert [m.indices for m in grouped[0].micro_batches] == [[0, 3, 6], [1, 4, 7], [2, 5]]
+    plain = mini_batch_plan([1] * 8, [0] * 8, train, "token_mean", 0, 1, random.Random(0))
+    assert [m.indices for m in plain[0].micro_batches] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert grouped[0].normalizer == plain[0].normalizer == 8.0
