@@ -1,20 +1,21 @@
-"""Sampling with Hugging Face `generate` (KV cache, batched, seeded): the embedded default backend.
+"""Sampling with the live policy module and a KV cache (batched, seeded): the embedded default backend.
 
-n samples of one prompt share its prefill: the prompt is run through the model once and its KV cache
-is repeated n times before decoding (`generate(num_return_sequences=n)` would prefill it n times).
-For Monte Carlo rollouts from long prefixes that is most of the forward work (bench/mc_chain.py).
+n samples of one prompt share its prefill: the prompt is run through the model once and its KV cache is repeated n
+times before decoding (`generate(num_return_sequences=n)` would prefill it n times). For Monte Carlo rollouts from
+long prefixes that is most of the forward work (bench/mc_chain.py). The decode loop (`spo_cli.sample.decode`) samples
+as Hugging Face's `generate` does and drops each row from the batch as soon as it ends.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
 
 from spo_cli.hardware import Runtime
 from spo_cli.sample.base import Completion, SamplingParams, encode_prompts, finish_response, new_token_budgets
+from spo_cli.sample.decode import Warpers, decode
 from spo_cli.seeding import derive_seed
 
 
@@ -26,7 +27,8 @@ class HFSampler:
         self.tokenizer = tokenizer
         self.runtime = runtime
         self.generation_batch_size = generation_batch_size
-        self.shared_prefill = shared_prefill  # False: generate's own n-fold prefill (the naive baseline)
+        self.shared_prefill = shared_prefill  # False: every sample prefills its prompt (the naive baseline)
+        self._stop_checks: dict[tuple[str, ...], object] = {}
 
     def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
         return encode_prompts(self.tokenizer, prompts)
@@ -76,10 +78,8 @@ class HFSampler:
             with torch.random.fork_rng(devices=devices):
                 for start in range(0, len(prompt_ids), per_call):
                     torch.manual_seed(derive_seed(seed, "chunk", offset + start))
-                    # One generate call runs to the chunk's largest budget; each row is cut to its own below,
-                    # which samples the same distribution as a call with that row's budget.
-                    chunk_params = replace(params, max_new_tokens=max(budgets[start : start + per_call]))
-                    raw.extend(self._generate_chunk(prompt_ids[start : start + per_call], chunk_params))
+                    chunk = slice(start, start + per_call)
+                    raw.extend(self._generate_chunk(prompt_ids[chunk], params, budgets[chunk]))
         finally:
             self.model.train(was_training)
         completions = []
@@ -102,10 +102,10 @@ class HFSampler:
 
     @torch.no_grad()
     def _generate_chunk(
-        self, prompt_ids: list[list[int]], params: SamplingParams
+        self, prompt_ids: list[list[int]], params: SamplingParams, budgets: list[int]
     ) -> list[list[tuple[list[int], list[float], list[float]]]]:
-        """Raw generated tokens (up to max_new_tokens, padding after the end), their log-probs and entropies."""
-        from transformers import GenerationConfig, LogitsProcessorList
+        """`params.n` raw generations per prompt (each up to its prompt's budget), their log-probs and entropies."""
+        from transformers import DynamicCache
 
         tok = self.tokenizer
         width = max(len(p) for p in prompt_ids)
@@ -116,68 +116,51 @@ class HFSampler:
             input_ids[i, width - len(p) :] = torch.as_tensor(p)
             attention[i, width - len(p) :] = 1
         greedy = params.temperature == 0.0
-        # Greedy decoding gives n identical copies: decode once and repeat (HF refuses n > 1 here).
+        # Greedy decoding gives n identical copies: decode once and repeat.
         n_decode = 1 if greedy else params.n
-        # A fresh config, so a checkpoint's generation_config (repetition_penalty, top_k, ...) cannot
-        # make the sampling policy differ from the policy the loss trains.
-        config = GenerationConfig(
-            max_new_tokens=params.max_new_tokens,
-            do_sample=not greedy,
-            num_return_sequences=n_decode,
-            temperature=params.temperature if not greedy else None,
-            top_p=params.top_p if not greedy else None,
-            top_k=(params.top_k or None) if not greedy else None,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            stop_strings=[*params.stop, *params.keep_stop] or None,
-        )
-        recorder = LogprobRecorder(params.temperature or 1.0) if params.logprobs else None
         input_ids, attention = input_ids.to(self.runtime.device), attention.to(self.runtime.device)
-        extra = {}
+        # A fresh cache and explicit sampling settings, so a checkpoint's generation_config (repetition_penalty,
+        # top_k, ...) cannot make the sampling policy differ from the policy the loss trains.
+        cache = DynamicCache(config=self.model.config)
+        name = self._cache_kwarg()
         with self.runtime.autocast():
             if self.shared_prefill and n_decode > 1 and width > 1:
-                input_ids, attention, extra = self._shared_prefill(input_ids, attention, n_decode)
-                config.num_return_sequences = 1
-            out = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention,
-                generation_config=config,
-                logits_processor=LogitsProcessorList([recorder] if recorder else []),
-                tokenizer=tok if params.stop or params.keep_stop else None,
-                **extra,
+                self._prefill(input_ids[:, :-1], attention[:, :-1], cache, name)
+                cache.batch_repeat_interleave(n_decode)
+            decoded = decode(
+                self.model,
+                input_ids.repeat_interleave(n_decode, dim=0),
+                attention.repeat_interleave(n_decode, dim=0),
+                [b for b in budgets for _ in range(n_decode)],
+                Warpers(params.temperature, params.top_k or None, params.top_p),
+                cache=cache,
+                cache_kwarg=name,
+                eos_token_id=tok.eos_token_id,
+                stop_criteria=self._stop_criteria((*params.stop, *params.keep_stop)),
+                record=params.logprobs,
             )
-        new = out[:, width:]
-        if recorder:
-            logprobs, entropies = (t.tolist() for t in recorder.finish(new))
-        else:
-            logprobs = entropies = [[] for _ in range(len(new))]
-        rows = list(zip(new.tolist(), logprobs, entropies))
+        rows = [(d.tokens, d.logprobs, d.entropies) for d in decoded]
         if greedy:
             return [[rows[i]] * params.n for i in range(len(prompt_ids))]
         return [rows[i * params.n : (i + 1) * params.n] for i in range(len(prompt_ids))]
 
-    def _shared_prefill(self, input_ids: torch.Tensor, attention: torch.Tensor, n: int):
-        """Prefill every prompt but its last token once, then repeat the KV cache for n samples each.
-
-        generate() then only runs the last prompt token (which yields the first sampled token's logits)
-        and the decode steps. Returns the n-times repeated inputs and the generate() cache argument.
-        """
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
-        # The same positions generate() gives left-padded rows (pads sit at position 1 and are masked).
+    def _prefill(self, input_ids: torch.Tensor, attention: torch.Tensor, cache, name: str) -> None:
+        """Run every prompt but its last token into `cache` once; repeated n times, it serves the n samples, and the
+        decode loop then reads only the last prompt token (which yields the first sampled token's logits)."""
+        # The positions generate() gives left-padded rows (pads sit at position 1 and are masked).
         positions = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 1)
-        name = self._cache_kwarg()
-        self.model(
-            input_ids=input_ids[:, :-1],
-            attention_mask=attention[:, :-1],
-            position_ids=positions[:, :-1],
-            use_cache=True,
-            logits_to_keep=1,
-            **{name: cache},
-        )
-        cache.batch_repeat_interleave(n)
-        return input_ids.repeat_interleave(n, dim=0), attention.repeat_interleave(n, dim=0), {name: cache}
+        self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                   logits_to_keep=1, **{name: cache})  # fmt: skip
+
+    def _stop_criteria(self, stop_strings: tuple[str, ...]):
+        """Hugging Face's stop-string check for these strings (built once: it precomputes over the vocabulary)."""
+        if not stop_strings:
+            return None
+        if stop_strings not in self._stop_checks:
+            from transformers.generation.stopping_criteria import StopStringCriteria
+
+            self._stop_checks[stop_strings] = StopStringCriteria(self.tokenizer, list(stop_strings))
+        return self._stop_checks[stop_strings]
 
     def _cache_kwarg(self) -> str:
         # transformers renamed `past_key_values` to `cache` (the old name warns and will go away).
@@ -186,41 +169,3 @@ class HFSampler:
         # A LoRA policy's PEFT wrapper takes **kwargs: the transformers model inside names the argument.
         params = inspect.signature(plain_model(self.model).forward).parameters
         return "cache" if "cache" in params else "past_key_values"
-
-
-class LogprobRecorder:
-    """A logits processor that records log pi(token) of every sampled token at `temperature`, and the
-    entropy of each step's distribution at that temperature.
-
-    generate() runs custom processors before its temperature/top-k/top-p warpers, so the scores seen
-    here are the model's logits. The token sampled from step t's scores is only known at step t+1
-    (or, for the last step, from the final sequences), so one step's log-softmax is kept at a time
-    and only [B] floats per step are stored: the memory of a vocabulary-sized row per sequence, not
-    per generated token.
-    """
-
-    def __init__(self, temperature: float):
-        self.temperature = temperature
-        self.previous: torch.Tensor | None = None  # [B, V] log-softmax of the last step
-        self.steps: list[torch.Tensor] = []  # [B] per generated token
-        self.entropies: list[torch.Tensor] = []  # [B] per generated token
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.previous is not None:
-            self.steps.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
-        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        # A -inf logit has p = 0 and contributes nothing (0 * -inf would be NaN).
-        self.entropies.append(-torch.where(logp > -torch.inf, logp.exp() * logp, 0.0).sum(-1))
-        self.previous = logp
-        return scores
-
-    def finish(self, new_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, T] log-probs of `new_tokens` (the generated part of the sequences) and [B, T] entropies."""
-        if self.previous is not None:
-            last = new_tokens[:, len(self.steps) : len(self.steps) + 1]
-            self.steps.append(self.previous.gather(1, last).squeeze(1))
-            self.previous = None
-        if not self.steps:
-            zeros = torch.zeros(new_tokens.shape, dtype=torch.float32)
-            return zeros, zeros.clone()
-        return torch.stack(self.steps, dim=1).float().cpu(), torch.stack(self.entropies, dim=1).float().cpu()

@@ -11,7 +11,6 @@ from spo_cli.hardware import Runtime
 from spo_cli.policy import collate, forward_logprobs
 from spo_cli.sample import SamplingParams, finish_response
 from spo_cli.sample.hf import HFSampler
-from spo_cli.seeding import derive_seed
 
 CPU = Runtime(device="cpu", bf16=False)
 
@@ -141,45 +140,52 @@ def test_entropies_match_a_forward_pass(sampler, tiny_policy):
     assert all(0 <= h <= math.log(512) + 1e-4 for h in c.entropies)
 
 
-def test_shared_prefill_samples_what_plain_generate_samples_with_fewer_forward_tokens(tiny_policy):
-    """The prompt is prefilled once for its n samples; the samples are those of num_return_sequences=n."""
-    from transformers import GenerationConfig
-
+def test_shared_prefill_and_dropped_rows_sample_what_every_row_prefilled_samples(tiny_policy):
+    """The prompt is prefilled once for its n samples and a row leaves the batch when it ends; the samples are
+    those of a sampler that prefills every sample, and the forward pass reads each prompt once plus one position per
+    generated token."""
     model, tokenizer = tiny_policy
     prompts = ["Start at 7. Add 5. Minus 3. Times 2. Result?", "Start at 1. Result?"]
-    n, new = 4, 6
+    n, new = 4, 24
+    # Single characters as kept stop strings end rows early (the random model seldom samples EOS); a response is
+    # then exactly the tokens its row generated.
+    params = SamplingParams(n=n, max_new_tokens=new, stop=(), keep_stop=tuple("0123456789abcdefgh"), keep_eos_token=True)
     counted = []
     hook = model.register_forward_pre_hook(
         lambda mod, args, kwargs: counted.append(kwargs["input_ids"].numel()), with_kwargs=True
     )
     try:
-        shared = HFSampler(model, tokenizer, CPU).generate(prompts, SamplingParams(n=n, max_new_tokens=new, stop=()), seed=5)
+        shared = HFSampler(model, tokenizer, CPU).generate(prompts, params, seed=5)
         ours = sum(counted)
         counted.clear()
-        ids = [tokenizer(p)["input_ids"] for p in prompts]
-        width = max(map(len, ids))
-        inp = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in ids])
-        att = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in ids])[:, None]).long()
-        config = GenerationConfig(
-            max_new_tokens=new, do_sample=True, num_return_sequences=n, temperature=1.0, top_p=1.0,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        )  # fmt: skip
-        with torch.random.fork_rng():
-            # The sampler seeds each generate call from (seed, index of its first prompt).
-            torch.manual_seed(derive_seed(5, "chunk", 0))
-            with torch.no_grad():
-                plain = model.generate(input_ids=inp, attention_mask=att, generation_config=config)
-        naive = sum(counted)
+        naive = HFSampler(model, tokenizer, CPU, shared_prefill=False).generate(prompts, params, seed=5)
+        every_prefilled = sum(counted)
     finally:
         hook.remove()
-    for i, group in enumerate(shared):
-        for j, c in enumerate(group):
-            row = plain[i * n + j, width:].tolist()
-            assert c.token_ids == row[: len(c.token_ids)]
-    # naive: every sample prefills the whole padded prompt; shared: each prompt once, then one token per sample
-    assert naive >= len(prompts) * n * width
-    assert ours <= len(prompts) * (width - 1) + len(prompts) * n * new
-    assert ours < naive / 2
+    assert [[c.token_ids for c in g] for g in shared] == [[c.token_ids for c in g] for g in naive]
+    lengths = [len(c.token_ids) for g in shared for c in g]
+    assert min(lengths) < new, "some row must end early for the check to mean anything"
+    width = max(len(tokenizer(p)["input_ids"]) for p in prompts)
+    assert ours == len(prompts) * (width - 1) + sum(lengths)
+    assert every_prefilled == len(prompts) * n * width + sum(lengths) - len(prompts) * n
+
+
+def test_first_tokens_follow_the_warped_distribution(tiny_policy):
+    """Sampling draws from softmax(logits / T) restricted to the top-k (what generate's warpers leave)."""
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    model, tokenizer = tiny_policy
+    prompt = "Start at 2. Add 2. Result?"
+    draws = 3000
+    params = SamplingParams(n=draws, temperature=0.7, top_k=12, max_new_tokens=1, stop=(), keep_eos_token=True)
+    group = HFSampler(model, tokenizer, CPU, generation_batch_size=draws).generate([prompt], params, seed=11)[0]
+    first = torch.tensor([c.token_ids[0] for c in group])
+    with torch.no_grad():
+        logits = model(torch.tensor([tokenizer(prompt)["input_ids"]])).logits[:, -1].float()
+    probs = torch.softmax(TopKLogitsWarper(12)(None, logits / 0.7), dim=-1)[0]
+    counts = torch.bincount(first, minlength=probs.shape[0]).float() / draws
+    assert set(first.tolist()) <= set(torch.topk(logits[0], 12).indices.tolist())
+    assert float((counts - probs).abs().max()) < 0.03
 
 
 def test_logprobs_are_full_softmax_not_top_p_truncated(sampler, tiny_policy):
