@@ -3,9 +3,11 @@
 Samples real trajectories from a tiny warm-started model on the synthetic arithmetic task, cuts them at
 cutpoints, and values every boundary state with `rollouts` continuations twice:
 
-- naive: every (trajectory, boundary) state on its own, `generate(num_return_sequences=n)`, which
-  prefills the state's tokens n times;
+- naive: every (trajectory, boundary) state on its own, each of its n rollouts prefilling the state's tokens (what
+  `generate(num_return_sequences=n)` does);
 - spo: identical states valued once, each state prefilled once and its KV cache branched n ways.
+
+Both decode with spo's loop, which drops a rollout from the batch as soon as it ends.
 
 Reports the tokens the model's forward passes processed (a hook counts `input_ids` elements, padding
 included: it is computed) and the wall time of each, as ratios, and spo's tokens against the ideal: each distinct

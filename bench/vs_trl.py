@@ -112,6 +112,7 @@ class Split:
             label: sum(e - s for name, s, e in self.events if name == label and s >= ends[0]) / len(steps)
             for label in ("generation", "forward", "backward", "optimizer")
         }
+        parts["other"] = sum(steps) / len(steps) - sum(parts.values())
         return {"steps": steps, "parts": parts}
 
 
@@ -233,13 +234,14 @@ def report(runs: dict[str, list[dict]], args) -> dict:
     what = "tiny model" if args.model_dir is None else str(args.model_dir)
     print(f"\nGRPO on {what}, {args.prompts} prompts x {args.generations} generations x {args.max_new_tokens} tokens, "
           f"{args.threads} threads, {args.rounds} alternating runs of {args.steps} steps each (the first left out)\n")  # fmt: skip
-    print("| run | s/step (median of runs) | runs | peak RSS GiB | generation | forward | backward | optimizer | other |")
+    print("| run | s/step (median of runs) | runs | peak RSS GiB | seconds per step (median run): generation | forward | "
+          "backward | optimizer | other |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for engine, label in ENGINES.items():
-        parts = {k: statistics.median(r["parts"][k] for r in runs[engine]) for k in runs[engine][0]["parts"]}
-        other = step[engine] - sum(parts.values())
+        # The split of the run whose median step is the median run's (parts of one run add up to its step).
+        run = sorted(runs[engine], key=lambda r: statistics.median(r["steps"]))[len(runs[engine]) // 2]
         print(f"| {label} | {step[engine]:.3f} | " + ", ".join(f"{m:.3f}" for m in medians[engine])
-              + f" | {rss[engine]:.2f} | " + " | ".join(f"{v:.3f}" for v in parts.values()) + f" | {other:.3f} |")  # fmt: skip
+              + f" | {rss[engine]:.2f} | " + " | ".join(f"{v:.3f}" for v in run["parts"].values()) + " |")  # fmt: skip
     fraction = statistics.median(r["trained_fraction"] for r in runs["spo_skip"])
     print(f"\nTRL / spo seconds per step, every episode trained (equal work): {step['trl'] / step['spo_all']:.2f}x")
     print(f"TRL / spo seconds per step, skipping zero-advantage episodes: {step['trl'] / step['spo_skip']:.2f}x "

@@ -1045,6 +1045,15 @@ class Train(Section):
         8, ge=1, le=MAX_BATCH, description="Episodes per forward/backward (micro-batch)."
     )
     gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_COUNT, description="Micro-batches per optimizer step.")
+    max_tokens_per_micro_batch: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_TOKENS,
+        description="Cut each process's share of a mini-batch into micro-batches of at most this many forward tokens "
+        "(each distinct prompt once plus every response, as the update lays them out) instead of "
+        "per_device_train_batch_size episodes; an episode longer than this trains alone. Mini-batches, and so the "
+        "gradient, are unchanged. verl: use_dynamic_bsz with ppo_max_token_len_per_gpu. Null: by episodes.",
+    )
     shuffle_episodes: bool = Field(True, description="Shuffle episodes before cutting mini-batches (seeded).")
     episodes_per_iteration: int | None = Field(
         None,

@@ -100,10 +100,14 @@ def ppo_update(
         [trained_token_count(ep, rho) for ep in episodes],
         [sum(t is not None for t in ep.value_targets or []) for ep in episodes],
         train, loss.loss_agg, cluster.rank, cluster.world_size, rng,
-        # Regrouping a process's share into micro-batches leaves the gradient as it is (every micro-batch is
-        # normalised by its mini-batch), unless a setting acts per micro-batch.
-        prompt_keys=None if loss.whiten_advantages or loss.skip_ratio_above is not None
-        else [tuple(ep.prompt_token_ids) for ep in episodes],
+        PromptLayout(
+            keys=[tuple(ep.prompt_token_ids) for ep in episodes],
+            prompt_lengths=[len(ep.prompt_token_ids) for ep in episodes],
+            response_lengths=[len(ep.response_token_ids) for ep in episodes],
+            # Regrouping a process's share into micro-batches leaves the gradient as it is (every micro-batch is
+            # normalised by its mini-batch), unless a setting acts per micro-batch.
+            group_by_prompt=not loss.whiten_advantages and loss.skip_ratio_above is None,
+        ),
     )  # fmt: skip
     sums = UpdateSums()
     learner.model.train()
@@ -153,6 +157,17 @@ class MiniBatch:
     value_normalizer: float
 
 
+@dataclass(frozen=True)
+class PromptLayout:
+    """Per episode, what cutting micro-batches needs beyond token counts: its prompt (a hashable key) and prompt and
+    response lengths; and whether a process's share may be regrouped so episodes of one prompt are neighbours."""
+
+    keys: Sequence[Hashable]
+    prompt_lengths: Sequence[int]
+    response_lengths: Sequence[int]
+    group_by_prompt: bool
+
+
 def mini_batch_plan(
     trained_tokens: Sequence[int],
     value_tokens: Sequence[int],
@@ -161,16 +176,17 @@ def mini_batch_plan(
     rank: int,
     world_size: int,
     rng: random.Random,
-    prompt_keys: Sequence[Hashable] | None = None,
+    layout: PromptLayout | None = None,
 ) -> list[MiniBatch]:
     """The mini-batches of `train.ppo_epochs` passes over episodes with these trained and value-target token
     counts: each epoch shuffles the order (when `train.shuffle_episodes`), cuts it into mini-batches of
     `micro * accumulation * world_size` episodes, and gives process `rank` the episodes `rank::world_size` of
-    each, in micro-batches of `per_device_train_batch_size` (filled up to the count the fullest process runs).
+    each, in micro-batches of `per_device_train_batch_size` episodes or, with `train.max_tokens_per_micro_batch`
+    (which needs `layout`), of at most that many packed tokens; every process runs as many micro-batches as the
+    busiest (the others are fillers).
 
-    With `prompt_keys` (one per episode), a process's share of a mini-batch is ordered so that episodes with the
-    same prompt are neighbours before it is cut into micro-batches: `pack` then reads each prompt once per
-    micro-batch.
+    With `layout.group_by_prompt`, a process's share of a mini-batch is ordered so that episodes with the same
+    prompt are neighbours before it is cut: `pack` then reads each prompt once per micro-batch.
 
     The token-mean normaliser is the mini-batch's trained tokens; the sequence-mean one its episodes with any
     trained token."""
@@ -183,23 +199,45 @@ def mini_batch_plan(
             rng.shuffle(order)
         for start in range(0, len(order), per_step):
             mini = order[start : start + per_step]
-            mine = mini[rank::world_size]
-            if prompt_keys is not None:
-                first = {}
-                for i in mine:
-                    first.setdefault(prompt_keys[i], len(first))
-                mine = sorted(mine, key=lambda i: first[prompt_keys[i]])
-            n_micro = math.ceil(math.ceil(len(mini) / world_size) / micro)
-            micro_batches = [
-                MicroBatch(mine[k * micro : (k + 1) * micro] or mini[:1], bool(mine[k * micro : (k + 1) * micro]))
-                for k in range(n_micro)
-            ]
+            cuts = [_micro_batches(mini[r::world_size], train, layout) for r in range(world_size)]
+            n_micro = max(len(c) for c in cuts)
+            micro_batches = [MicroBatch(c, True) if c else MicroBatch(mini[:1], False) for c in cuts[rank]]
+            micro_batches += [MicroBatch(mini[:1], False)] * (n_micro - len(micro_batches))
             if loss_agg == "token_mean":
                 normalizer = float(sum(trained_tokens[i] for i in mini))
             else:
                 normalizer = float(sum(1 for i in mini if trained_tokens[i] > 0))
             plan.append(MiniBatch(mini, micro_batches, normalizer, float(sum(value_tokens[i] for i in mini))))
     return plan
+
+
+def _micro_batches(mine: list[int], train: Train, layout: PromptLayout | None) -> list[list[int]]:
+    """One process's share of a mini-batch cut into micro-batches (at least one, possibly empty)."""
+    if layout is not None and layout.group_by_prompt:
+        first: dict[Hashable, int] = {}
+        for i in mine:
+            first.setdefault(layout.keys[i], len(first))
+        mine = sorted(mine, key=lambda i: first[layout.keys[i]])
+    budget = train.max_tokens_per_micro_batch
+    if budget is None:
+        micro = train.per_device_train_batch_size
+        return [mine[k : k + micro] for k in range(0, len(mine), micro)] or [[]]
+    if layout is None:
+        raise ValueError("train.max_tokens_per_micro_batch needs the episodes' prompt layout")
+    cuts: list[list[int]] = [[]]
+    prompts: set[Hashable] = set()
+    used = 0
+    for i in mine:
+        # What the episode adds to `pack`'s rows: its response, and its prompt unless a neighbour brought it.
+        cost = layout.response_lengths[i] + (0 if layout.keys[i] in prompts else layout.prompt_lengths[i])
+        if cuts[-1] and used + cost > budget:
+            cuts.append([])
+            prompts, used = set(), 0
+            cost = layout.response_lengths[i] + layout.prompt_lengths[i]
+        cuts[-1].append(i)
+        prompts.add(layout.keys[i])
+        used += cost
+    return cuts
 
 
 def _train_micro_batch(

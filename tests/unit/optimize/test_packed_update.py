@@ -137,11 +137,42 @@ def test_a_ppo_update_equals_the_padded_loss_over_the_whole_mini_batch(tiny_poli
         torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-6)
 
 
+def layout(keys: list[str], prompt_lengths: list[int], response_lengths: list[int], group: bool = True):
+    from spo_cli.optimize.step import PromptLayout
+
+    return PromptLayout(keys, prompt_lengths, response_lengths, group_by_prompt=group)
+
+
 def test_micro_batches_hold_episodes_of_one_prompt_together():
     keys = ["a", "b", "c", "a", "b", "c", "a", "b"]
     train = Train(per_device_train_batch_size=3, gradient_accumulation_steps=3, shuffle_episodes=False)
-    grouped = mini_batch_plan([1] * 8, [0] * 8, train, "token_mean", 0, 1, random.Random(0), prompt_keys=keys)
+    sizes = layout(keys, [5] * 8, [2] * 8)
+    grouped = mini_batch_plan([1] * 8, [0] * 8, train, "token_mean", 0, 1, random.Random(0), sizes)
     assert [m.indices for m in grouped[0].micro_batches] == [[0, 3, 6], [1, 4, 7], [2, 5]]
-    plain = mini_batch_plan([1] * 8, [0] * 8, train, "token_mean", 0, 1, random.Random(0))
+    plain = mini_batch_plan([1] * 8, [0] * 8, train, "token_mean", 0, 1, random.Random(0), layout(keys, [5] * 8, [2] * 8, False))
     assert [m.indices for m in plain[0].micro_batches] == [[0, 1, 2], [3, 4, 5], [6, 7]]
     assert grouped[0].normalizer == plain[0].normalizer == 8.0
+
+
+def test_a_token_budget_cuts_micro_batches_by_packed_tokens():
+    # Prompt "a" (10 tokens) with responses of 3, 4 and 30 tokens; prompt "b" (6) with 2 and 2.
+    keys, prompts, responses = ["a", "a", "b", "a", "b"], [10, 10, 6, 10, 6], [3, 4, 2, 30, 2]
+    train = Train(per_device_train_batch_size=1, gradient_accumulation_steps=5, shuffle_episodes=False,
+                  max_tokens_per_micro_batch=20)  # fmt: skip
+    plan = mini_batch_plan([1] * 5, [0] * 5, train, "token_mean", 0, 1, random.Random(0), layout(keys, prompts, responses))
+    # grouped: a0 a1 a3 b2 b4 -> [a0 a1] = 10+3+4 = 17; a3 = 40 alone (over the budget); [b2 b4] = 6+2+2 = 10
+    assert [m.indices for m in plan[0].micro_batches] == [[0, 1], [3], [2, 4]]
+    assert all(m.real for m in plan[0].micro_batches)
+
+
+def test_with_a_token_budget_every_process_runs_as_many_micro_batches_as_the_busiest():
+    train = Train(per_device_train_batch_size=2, gradient_accumulation_steps=2, shuffle_episodes=False,
+                  max_tokens_per_micro_batch=12)  # fmt: skip
+    # 8 episodes, distinct prompts of 5 tokens; rank 0 gets responses of 1 token (two fit per micro-batch), rank 1
+    # responses of 6 tokens (one fits).
+    sizes = layout([str(i) for i in range(8)], [5] * 8, [1, 6] * 4)
+    plans = [mini_batch_plan([1] * 8, [0] * 8, train, "token_mean", r, 2, random.Random(0), sizes) for r in (0, 1)]
+    assert [m.indices for m in plans[1][0].micro_batches] == [[1], [3], [5], [7]]
+    assert [(m.indices, m.real) for m in plans[0][0].micro_batches] == [
+        ([0, 2], True), ([4, 6], True), ([0], False), ([0], False)
+    ]
