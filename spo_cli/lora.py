@@ -144,6 +144,15 @@ class AdapterDisabledReference:
     def parameters(self):
         return self.peft_model.parameters()
 
+    @property
+    def config(self):
+        """The model's config (`pack` reads its attention implementation)."""
+        return self.peft_model.config
+
+    def get_output_embeddings(self):
+        """The LM head, which the adapters leave alone (`packed_logprobs` hooks it)."""
+        return self.peft_model.get_output_embeddings()
+
     def eval(self) -> AdapterDisabledReference:
         return self
 
