@@ -12,8 +12,8 @@ update's forward and backward pass (log-probabilities of every response token, a
   (`train.max_tokens_per_micro_batch`).
 
 All layouts compute the same log-probabilities and gradient (tests/unit/optimize/test_packed_update.py). Prints
-seconds per pass (median of `--repeats`, after a warm-up), forward positions computed, and each layout's time as a
-ratio to the padded one, all measured in this one run. From the repository root:
+seconds per pass (median of `--repeats` rounds over all layouts, after a warm-up), forward positions computed,
+and each layout's time as a ratio to the padded one, all measured in this one run. From the repository root:
 
     python bench/update_layout.py                                   # the tiny model of bench/vs_trl.py, ~1 min
     python bench/update_layout.py --model-dir .cache/models/smollm2-135m-instruct --prompts 4 --repeats 3
@@ -124,17 +124,16 @@ def main() -> None:
         (f"shared prompts, all {n} episodes in one", "shared", n, None, True),
         *[(f"shared prompts, <= {b} tokens", "shared", n, b, True) for b in args.budgets],
     ]
-    results = []
-    for label, layout, per_micro, budget, grouped in configs:
-        cuts = micro_batches(prompts, responses, per_micro, budget, grouped)
-        positions = one_pass(model, prompts, responses, cuts, layout, pad_id)  # warm-up
-        times = []
-        for _ in range(args.repeats):
+    cuts = [micro_batches(prompts, responses, per_micro, budget, grouped) for _, _, per_micro, budget, grouped in configs]
+    positions = [one_pass(model, prompts, responses, c, config[1], pad_id) for c, config in zip(cuts, configs)]  # warm-up
+    times: list[list[float]] = [[] for _ in configs]
+    # Round-robin over the layouts, so a slow phase of the machine hits all of them.
+    for _ in range(args.repeats):
+        for k, config in enumerate(configs):
             start = time.perf_counter()
-            one_pass(model, prompts, responses, cuts, layout, pad_id)
-            times.append(time.perf_counter() - start)
-        results.append((label, len(cuts), positions, statistics.median(times)))
-        print(f"{label}: {statistics.median(times):.3f} s", flush=True)
+            one_pass(model, prompts, responses, cuts[k], config[1], pad_id)
+            times[k].append(time.perf_counter() - start)
+    results = [(config[0], len(c), pos, statistics.median(t)) for config, c, pos, t in zip(configs, cuts, positions, times)]
     what = "tiny model" if args.model_dir is None else str(args.model_dir)
     print(f"\nForward + backward of {args.prompts} prompts x {args.generations} responses on {what}: prompts of "
           f"{args.prompt_tokens[0]}-{args.prompt_tokens[1]} tokens, responses of {args.response_tokens[0]}-"
