@@ -204,9 +204,15 @@ def shares_prompts(model) -> bool:
 
 
 def _attention_implementation(model) -> str | None:
-    while not hasattr(model, "config") and hasattr(model, "module"):
+    return getattr(getattr(_unwrapped(model), "config", None), "_attn_implementation", None)
+
+
+def _unwrapped(model):
+    """The model inside DDP and DeepSpeed wrappers (`.module`: a DeepSpeed engine's own `config` is DeepSpeed's);
+    PEFT wrappers pass the model's attributes through."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
         model = model.module
-    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return model
 
 
 def packed_logprobs(
@@ -242,8 +248,7 @@ def packed_logprobs(
 
 def _output_embedding(model) -> torch.nn.Module:
     """The LM head of `model`, through DDP/DeepSpeed (`.module`) and PEFT wrappers."""
-    while not hasattr(model, "get_output_embeddings") and hasattr(model, "module"):
-        model = model.module
+    model = _unwrapped(model)
     head = model.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(model).__name__} has no output embedding (LM head) to score tokens with")

@@ -176,3 +176,23 @@ def test_with_a_token_budget_every_process_runs_as_many_micro_batches_as_the_bus
     assert [(m.indices, m.real) for m in plans[0][0].micro_batches] == [
         ([0, 2], True), ([4, 6], True), ([0], False), ([0], False)
     ]
+
+
+def test_prompts_are_shared_through_ddp_and_deepspeed_wrappers(tiny_policy):
+    """A DeepSpeed engine's own `config` is DeepSpeed's, not the model's: the attention implementation and the LM
+    head are read from the module inside."""
+    from spo_cli.policy import _output_embedding, shares_prompts
+
+    model, _ = tiny_policy
+
+    class Engine(torch.nn.Module):  # what DDP and DeepSpeedEngine look like from outside
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+            self.config = {"zero_optimization": {"stage": 2}}
+
+    assert shares_prompts(model) and shares_prompts(Engine(model))
+    assert _output_embedding(Engine(model)) is model.get_output_embeddings()
+    flash = copy.deepcopy(model)
+    flash.config._attn_implementation = "flash_attention_2"
+    assert not shares_prompts(Engine(flash))
