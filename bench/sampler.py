@@ -1,4 +1,4 @@
-"""Generation throughput of the two sampling backends, HF `generate` and a colocated vLLM engine, in one process.
+"""Generation throughput of the two sampling backends, the HF sampler and a colocated vLLM engine, in one process.
 
 Builds one randomly initialised local model (no warm start, so nearly every response runs to the token budget) and
 samples the same chat-formatted arithmetic prompts with both backends: a warm-up call each, then `--repeats` rounds
