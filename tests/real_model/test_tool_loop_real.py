@@ -32,20 +32,35 @@ def tool_completions(backend_sampler, tokenizer):
 
     loop = tool_loop(backend_sampler, tokenizer)
     prompt = apply_template(tokenizer, QUESTION, True)
-    (group,) = loop.generate([prompt], SamplingParams(n=4, temperature=0.7, max_new_tokens=96), seed=0)
+    # At temperature 0.7, 3 of 20 samples measured wrote a block that ran: among 16, none does with probability
+    # about 7% at that rate, so the test depends little on which random stream the sampler draws (the seed is fixed).
+    (group,) = loop.generate([prompt], SamplingParams(n=16, temperature=0.7, max_new_tokens=96), seed=0)
     return group
 
 
+def program_output(c, tokenizer) -> str:
+    """What the program of `c`'s first call prints, run again on its own in a fresh sandbox."""
+    from spo_cli.tools.calls import ToolMarkers, code_to_run
+    from spo_cli.tools.sandbox import LocalSandbox, SandboxLimits
+
+    start, _ = c.tool_spans[0]
+    code = code_to_run(tokenizer.decode(c.token_ids[:start]), ToolMarkers(**FENCES))
+    result = LocalSandbox(SandboxLimits()).run(code)
+    assert result.status == "ok", result
+    return result.output
+
+
 def check_real_calls(group, tokenizer) -> None:
-    called = [c for c in group if c.tool_calls == ["ok"] and "print(" in c.text]
+    called = [c for c in group if c.tool_calls == ["ok"]]
     assert called, [c.text for c in group]
     for c in called:
         (start, end) = c.tool_spans[0]
-        assert tokenizer.decode(c.token_ids[start:end]).startswith("```output\n")
+        shown = tokenizer.decode(c.token_ids[start:end])
+        assert shown.startswith("```output\n")
         assert c.logprobs[start:end] == [0.0] * (end - start) and all(lp < 0 for lp in c.logprobs[:start][-3:])
-    # the program printed the true product, and the model wrote on after it
-    assert any("7006652" in tokenizer.decode(c.token_ids[s:e]) and e < len(c.token_ids)
-               for c in called for s, e in c.tool_spans)  # fmt: skip
+        # The tool tokens hold what the model's own program prints.
+        assert program_output(c, tokenizer).strip() in shown
+    assert any(e < len(c.token_ids) for c in called for _, e in c.tool_spans), "the model writes on after an output"
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +109,8 @@ def test_spo_chain_rollouts_through_a_tool_call(hf_backend, hf_group):
     from spo_cli.tasks import build_task
 
     backend, tokenizer = hf_backend
-    c = next(c for c in hf_group if c.tool_calls == ["ok"] and "7006652" in c.text and c.tool_spans[0][1] < len(c.token_ids) - 4)
+    c = next(c for c in hf_group if c.tool_calls == ["ok"] and c.tool_spans[0][1] < len(c.token_ids) - 4)
+    printed = program_output(c, tokenizer).strip()
     episode = Episode(
         id="e", group_id="g", iteration=0, prompt=QUESTION, response=c.text, gold="7006652",
         prompt_token_ids=c.prompt_token_ids, response_token_ids=c.token_ids, response_logprobs=c.logprobs,
@@ -117,4 +133,5 @@ def test_spo_chain_rollouts_through_a_tool_call(hf_backend, hf_group):
     inside = state_before(episode, start - 2)  # the closing fence is not written yet: the rollout writes it
     values([inside], iteration=0)
     ran = [r for r in rollouts.completions[-1][0] if r.tool_calls]
-    assert ran and any("7006652" in tokenizer.decode(r.token_ids[s:e]) for r in ran for s, e in r.tool_spans)
+    # Only the closing fence was left to write: the rollouts run the episode's own program.
+    assert ran and any(printed in tokenizer.decode(r.token_ids[s:e]) for r in ran for s, e in r.tool_spans)
