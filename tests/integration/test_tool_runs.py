@@ -29,6 +29,9 @@ SECTIONS = dict(
     partitioner={"kind": "cutpoint", "rho": 0.9, "interval": 2},
     estimator={"kind": "mc_chain", "rollouts": 2},
     train={"iterations": 3, "save_steps": 1, "save_total_limit": 2},
+    # 16 episodes from a 300-step warm start are sometimes all wrong (which depends on the sampler's random stream);
+    # every iteration still runs its update, so the kill points and the methods' update paths are always reached.
+    loss={"skip_zero_advantage": False},
     eval={"num_samples": 0},
 )  # fmt: skip
 
@@ -116,7 +119,10 @@ def test_every_method_trains_with_tool_calls(tmp_path, warm_start, method):
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "run"
     metrics = read_metrics(run)
-    assert len(metrics) == 2 and sum(m["optimizer_steps"] for m in metrics) > 0
+    # An update runs whenever there is an episode to train; SPO-tree keeps none when every leaf of every tree scored
+    # the same (as 16 leaves of a 300-step warm start may, depending on the random stream).
+    signal = any(m["reward_std"] > 0 for m in metrics)
+    assert len(metrics) == 2 and (sum(m["optimizer_steps"] for m in metrics) > 0 or not signal)
     stored = sorted((run / ("trees" if method == "mc_tree" else "episodes")).glob("iter_*.jsonl"))
     episodes = [ep for path in stored for ep in read_episodes(path)]
     called = [ep for ep in episodes if ep.tool_spans]
