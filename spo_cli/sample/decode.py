@@ -112,14 +112,13 @@ def decode(
                        logits_to_keep=1, **{cache_kwarg: cache}).logits[:, -1].float()  # fmt: skip
         uniforms = torch.rand(rows, device=logits.device)[active]
         tokens = warpers.pick(logits, uniforms)
+        for row, token in zip(active.tolist(), tokens.tolist()):
+            out[row].tokens.append(token)
         if record:
             logp = torch.log_softmax(logits / temperature, dim=-1)
             # A -inf logit has p = 0 and contributes nothing (0 * -inf would be NaN).
             entropy = -torch.where(logp > -torch.inf, logp.exp() * logp, 0.0).sum(-1)
             picked = logp.gather(1, tokens.unsqueeze(1)).squeeze(1)
-        for row, token in zip(active.tolist(), tokens.tolist()):
-            out[row].tokens.append(token)
-        if record:
             for row, lp, h in zip(active.tolist(), picked.tolist(), entropy.tolist()):
                 out[row].logprobs.append(lp)
                 out[row].entropies.append(h)
