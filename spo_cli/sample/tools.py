@@ -75,7 +75,10 @@ def build_sandbox(tools):
     )  # fmt: skip
     match tools.sandbox:
         case LocalSpec():
-            return LocalSandbox(limits, python=tools.sandbox.python, workers=tools.sandbox.workers)
+            spec = tools.sandbox
+            return LocalSandbox(
+                limits, python=spec.python, workers=spec.workers, allow_unisolated=spec.allow_unisolated
+            )
         case RemoteSpec():
             spec = tools.sandbox
             return RemoteSandbox(spec.url, limits, workers=spec.workers, retries=spec.retries)
