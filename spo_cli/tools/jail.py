@@ -42,23 +42,25 @@ DEV_LINKS = {"/dev/fd": "/proc/self/fd", "/dev/stdin": "/proc/self/fd/0", "/dev/
 
 # EPERM for what a program has no business doing; ENOSYS for clone3, whose flags a filter cannot read, so that
 # glibc falls back to clone, whose flags it can (no CLONE_NEW*); EAFNOSUPPORT for sockets other than Unix and IP
-# (the network namespace has no interface but loopback). kafel names umount2 `umount` on x86-64.
+# (the network namespace has no interface but loopback). Names are kafel's (google/kafel src/syscalls/): it calls
+# umount2 `umount` on x86-64 and arm64 alike, and arm64 has no iopl or ioperm.
 _DENIED = (
-    "mount {umount} pivot_root chroot unshare setns ptrace process_vm_readv process_vm_writev kcmp pidfd_getfd "
+    "mount umount pivot_root chroot unshare setns ptrace process_vm_readv process_vm_writev kcmp pidfd_getfd "
     "keyctl add_key request_key bpf perf_event_open userfaultfd init_module finit_module delete_module kexec_load "
     "kexec_file_load reboot swapon swapoff acct quotactl syslog open_by_handle_at name_to_handle_at lookup_dcookie "
-    "iopl ioperm settimeofday clock_settime clock_adjtime sethostname setdomainname mount_setattr open_tree "
-    "move_mount fsopen fsconfig fsmount fspick io_uring_setup io_uring_enter io_uring_register fanotify_init "
-    "move_pages mbind set_mempolicy migrate_pages vhangup"
+    "settimeofday clock_settime clock_adjtime sethostname setdomainname mount_setattr open_tree move_mount fsopen "
+    "fsconfig fsmount fspick io_uring_setup io_uring_enter io_uring_register fanotify_init move_pages mbind "
+    "set_mempolicy migrate_pages vhangup"
 )
-_UMOUNT = {"x86_64": "umount", "aarch64": "umount2"}
+_X86_ONLY = "iopl ioperm"
 CLONE_NEW_FLAGS = 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
 ALLOWED_SOCKET_FAMILIES = (1, 2, 10)  # AF_UNIX, AF_INET, AF_INET6
 
 
 def seccomp_policy(machine: str | None = None) -> str:
     """The syscall filter, in nsjail's kafel language."""
-    denied = _DENIED.format(umount=_UMOUNT.get(machine or platform.machine(), "umount2")).split()
+    x86 = (machine or platform.machine()) in ("x86_64", "i386", "i686")
+    denied = (_DENIED + (" " + _X86_ONLY if x86 else "")).split()
     families = " && ".join(f"family != {family}" for family in ALLOWED_SOCKET_FAMILIES)
     return (
         f"ERRNO(1) {{ {', '.join(denied)} }} "
