@@ -34,6 +34,24 @@ OverridesArg = Annotated[
 ]
 
 
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Delete the files spo wrote in the run directory first (those its .spo-run manifest records; never a "
+        "directory that is not a spo run). Refuses, naming them, when the run directory holds files spo did not write.",
+    ),
+]
+OverwriteForeignOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite-foreign-files",
+        help="With --overwrite: also delete the files spo did not write in the run directory (your notes, copies, "
+        "other runs inside it); symlinks are removed, never followed.",
+    ),
+]
+
+
 def _load(path: Path, overrides: list[str] | None):
     from spo_cli.recipe import load_recipe
 
@@ -45,7 +63,8 @@ def train(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the recipe's output directory from its last checkpoint.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the spo run in the output directory first (never a directory spo did not make).")] = False,
+    overwrite: OverwriteOpt = False,
+    overwrite_foreign: OverwriteForeignOpt = False,
 ) -> None:
     """Run the loop sample -> partition -> estimate -> optimize (after an optional warm start).
 
@@ -57,7 +76,7 @@ def train(
     from spo_cli.rundir import check_not_locked, check_run_dir
 
     # Refused before torch is imported; and with exit code 2 once, not once per launched process.
-    check_run_dir(spec, resume, overwrite)
+    check_run_dir(spec, resume, overwrite, overwrite_foreign)
     if not already_launched(os.environ):  # a launched process's main process takes the lock (or its launcher has)
         check_not_locked(spec.run.run_dir)
     if needs_launch(spec.hardware, os.environ):
@@ -68,10 +87,10 @@ def train(
         check_backend_installed(spec.sampling)
         check_launcher_installed(spec.hardware)
         # This process becomes the launcher and holds the run directory's lock for all the processes it starts.
-        lock, launch_env = claim_run_dir(spec, resume, overwrite, os.environ), {}
+        lock, launch_env = claim_run_dir(spec, resume, overwrite, os.environ, overwrite_foreign), {}
         if lock is not None:
             lock.pass_to_launched(launch_env)
-        flags = ["--resume"] * resume + ["--overwrite"] * overwrite
+        flags = ["--resume"] * resume + ["--overwrite"] * overwrite + ["--overwrite-foreign-files"] * overwrite_foreign
         try:
             relaunch(spec.hardware, ["train", str(recipe), *(overrides or []), *flags], launch_env)
         except BaseException:
@@ -80,7 +99,7 @@ def train(
             raise
     from spo_cli.train import train as run_train
 
-    summary = run_train(spec, resume=resume, overwrite=overwrite)
+    summary = run_train(spec, resume=resume, overwrite=overwrite, overwrite_foreign=overwrite_foreign)
     if summary is not None:
         typer.echo(json.dumps(summary, indent=2))
 
@@ -89,7 +108,8 @@ def train(
 def sft(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the spo run in the output directory first (never a directory spo did not make).")] = False,
+    overwrite: OverwriteOpt = False,
+    overwrite_foreign: OverwriteForeignOpt = False,
 ) -> None:
     """Run only the recipe's supervised warm start; saves <run_dir>/warm_start, which `spo train --resume` reuses
     and other runs start from with `warm_start.load_from=<run_dir>/warm_start`."""
@@ -113,7 +133,7 @@ def sft(
     set_offline_defaults(spec)
     runtime = resolve_runtime(spec.hardware)
     task = build_task(spec.task, spec.sampling.prompts_per_iteration)
-    with run_directory(spec, resume=False, overwrite=overwrite) as run_dir:
+    with run_directory(spec, resume=False, overwrite=overwrite, overwrite_foreign=overwrite_foreign) as run_dir:
         warm_started_policy(spec, run_dir, task, runtime, Console())
     typer.echo(str(run_dir / "warm_start"))
 
@@ -318,11 +338,25 @@ def eval_command(
         typer.Option("--data-dir", help="Directory holding <benchmark>/test.jsonl files (default: $SPO_DATA_DIR), e.g. ../shared/data."),
     ] = None,
     max_problems: Annotated[int | None, typer.Option("--max-problems", min=1, help="Evaluate the first N problems of each set.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Output directory; default <run_dir>/eval.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Output directory; default <run_dir>/eval. spo eval writes only into a new or empty directory or its "
+            "own earlier output (marked .spo-eval), one eval at a time, and refuses one holding files it did not write.",
+        ),
+    ] = None,
     chunk_size: Annotated[
         int, typer.Option("--chunk-size", min=1, help="Problems sampled and saved together: the unit an interrupted eval resumes at.")
     ] = 32,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo results already in the output directory.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Redo the results of this evaluation already in the output directory: deletes and rewrites only the "
+            "files spo eval wrote there.",
+        ),
+    ] = False,
 ) -> None:
     """Accuracy on held-out problems and benchmarks at several generation budgets (the paper's Table 1).
 
@@ -349,6 +383,10 @@ def eval_command(
     from spo_cli.policy_loading import set_offline_defaults
 
     checkpoints = resolve_checkpoints(spec, checkpoint or [])
+    out_dir = out or spec.run.run_dir / "eval"
+    from spo_cli.rundir import check_eval_out
+
+    check_eval_out(out_dir)  # before any data or model is loaded
     settings = EvalSettings(
         temperature=0.0 if greedy else temperature,
         top_p=1.0 if greedy or temperature == 0 else top_p,
@@ -361,7 +399,7 @@ def eval_command(
     set_offline_defaults(spec)
     try:
         rows = evaluate_checkpoints(
-            spec, checkpoints, sets, budgets, settings, out or spec.run.run_dir / "eval",
+            spec, checkpoints, sets, budgets, settings, out_dir,
             lambda message: typer.echo(message, err=True), overwrite,
         )
     finally:

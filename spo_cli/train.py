@@ -78,10 +78,16 @@ class TrainingRun:
 
 
 def train(
-    recipe: Recipe, *, resume: bool = False, overwrite: bool = False, console: Console | None = None
+    recipe: Recipe,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    console: Console | None = None,
+    overwrite_foreign: bool = False,
 ) -> dict[str, Any] | None:
     """Run (or resume) a whole training job; returns the final summary (also saved as summary.json), or None on
-    the processes of a distributed run other than the main one."""
+    the processes of a distributed run other than the main one. `overwrite` deletes what spo wrote in the run
+    directory first (refusing when it holds other files), `overwrite_foreign` the other files too."""
     console = console or Console()
     check_backend_installed(recipe.sampling)
     check_report_to_installed(recipe)
@@ -92,7 +98,7 @@ def train(
     # Grader worker processes, log writers and the process group are released however the run ends.
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(task.close)
-        run = build_run(recipe, task, runtime, resume, overwrite, console, cleanup)
+        run = build_run(recipe, task, runtime, resume, overwrite, console, cleanup, overwrite_foreign)
         before = _read_json(run.run_dir / "eval_before.json")
         if recipe.eval.before_training and run.eval_problems and before is None:
             before = run.evaluate("before", 0)
@@ -123,8 +129,9 @@ def train(
 
 
 def build_run(
-    recipe: Recipe, task: Task, runtime, resume: bool, overwrite: bool, console: Console, cleanup: contextlib.ExitStack
-) -> TrainingRun:
+    recipe: Recipe, task: Task, runtime, resume: bool, overwrite: bool, console: Console, cleanup: contextlib.ExitStack,
+    overwrite_foreign: bool = False,
+) -> TrainingRun:  # fmt: skip
     """Start the processes, take the run directory, load the policy (warm start, or the checkpoint resumed from),
     build the recipe's method, the learner and the sampler, and open the metrics log."""
     accelerator, cluster, deepspeed_config = start_processes(recipe.hardware, runtime)
@@ -134,7 +141,7 @@ def build_run(
         # One process speaks and writes; the others compute the same iteration silently.
         console = Console(file=open(os.devnull, "w"))  # noqa: SIM115 (closed with the process)
     # Checked, locked for the whole run, and removed again if the start fails before any result.
-    run_dir = cleanup.enter_context(run_directory(recipe, resume, overwrite, cluster))
+    run_dir = cleanup.enter_context(run_directory(recipe, resume, overwrite, cluster, overwrite_foreign=overwrite_foreign))
     checkpoint = latest_checkpoint(run_dir) if resume else None
     _save_resolved_recipe(recipe, run_dir, resume, cluster, console)
     if cluster.distributed:

@@ -6,6 +6,10 @@ Output directory layout (default <run_dir>/eval):
     <checkpoint label>/<set>@<budget>.settings.json   what generated them (a re-run with other settings refuses)
     <checkpoint label>/<set>@<budget>.json            the metrics, once the set is finished
     results.json, table.md                            every result of the invocation; the paper-style table
+    .spo-eval, .spo-lock                              the marker (which checkpoint folders spo eval made), the lock
+
+spo eval writes only into a missing or empty output directory or one it marked as its own, and refuses one holding
+files it did not write, naming them; one eval at a time holds the directory (rundir.claim_eval_out).
 
 A chunk of `chunk_size` problems is sampled with a seed derived from its first problem's index, and its
 completions are appended in one write: an interrupted evaluation resumes at its first unfinished chunk and
@@ -128,20 +132,29 @@ def evaluate_checkpoints(
     log: Callable[[str], None],
     overwrite: bool = False,
 ) -> list[dict[str, Any]]:
-    """One result row per (checkpoint, budget, set), in that order; finished results are read back, not redone."""
+    """One result row per (checkpoint, budget, set), in that order; finished results are read back, not redone.
+
+    Writes only into a new or empty `out_dir` or one spo eval marked as its output, holding its lock throughout (see
+    rundir.claim_eval_out); `overwrite` redoes the units evaluated now, deleting only their files."""
+    from spo_cli.rundir import claim_eval_out
+
     _check_out_dir(out_dir)
-    rows = []
-    for ref in checkpoints:
-        engine = _Engine(recipe, ref, log)
-        try:
-            for budget in budgets:
-                for eval_set in sets:
-                    unit = out_dir / ref.label / f"{eval_set.name}@{context_label(budget)}"
-                    rows.append(_evaluate_unit(engine, ref, eval_set, budget, settings, unit, log, overwrite))
-        finally:
-            engine.close()
-    atomic_write_json(out_dir / "results.json", {"settings": asdict(settings), "results": rows})
-    atomic_write_text(out_dir / "table.md", markdown_table(rows))
+    lock = claim_eval_out(out_dir, [ref.label for ref in checkpoints])
+    try:
+        rows = []
+        for ref in checkpoints:
+            engine = _Engine(recipe, ref, log)
+            try:
+                for budget in budgets:
+                    for eval_set in sets:
+                        unit = out_dir / ref.label / f"{eval_set.name}@{context_label(budget)}"
+                        rows.append(_evaluate_unit(engine, ref, eval_set, budget, settings, unit, log, overwrite))
+            finally:
+                engine.close()
+        atomic_write_json(out_dir / "results.json", {"settings": asdict(settings), "results": rows})
+        atomic_write_text(out_dir / "table.md", markdown_table(rows))
+    finally:
+        lock.release()
     return rows
 
 
@@ -331,10 +344,7 @@ def _finished_records(
     from spo_cli.metrics import read_records
 
     problems = len(prompts)
-    try:
-        records = read_records(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SpoUserError(f"{path}: unreadable completions ({exc}); pass --overwrite to redo them") from None
+    records = read_records(path, repair="unreadable completions: pass --overwrite to redo them")  # or SpoUserError
     per_chunk = settings.chunk_size * settings.samples
     keep = len(records)
     if keep < problems * settings.samples:

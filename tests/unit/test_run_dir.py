@@ -77,8 +77,9 @@ def test_overwrite_clears_a_spo_run_but_keeps_its_marker_and_lock(tmp_path):
 
 
 def test_a_run_of_a_spo_version_before_the_marker_is_still_a_run(tmp_path):
+    """Recognised by all the files such a run has (test_user_files: never by one name alone)."""
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
+    (run_dir / "checkpoints" / "iter_000001").mkdir(parents=True)
     (run_dir / "recipe.resolved.yaml").write_text("run: {}\n")
     (run_dir / "metrics.jsonl").write_text('{"iteration": 1}\n')
     recipe = parse_recipe(tiny_recipe_dict(tmp_path))
