@@ -526,13 +526,24 @@ def main() -> None:
             raise
         typer.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:  # click usage errors carry their own exit code (2)
+        if isinstance(exc, _click_errors()):
             exc.show()
             sys.exit(exc.exit_code)
         raise
+
+
+def _click_errors() -> tuple[type[Exception], ...]:
+    """Click's usage-error class, and typer's vendored copy of it (typer >= 0.24 raises its own `typer._click`)."""
+    import importlib
+
+    found = []
+    for module in ("click", "typer._click"):
+        try:
+            found.append(importlib.import_module(module).ClickException)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
 
 
 if __name__ == "__main__":

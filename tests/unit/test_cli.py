@@ -31,6 +31,13 @@ def test_recipe_check_exit_codes(tmp_path):
     assert "sampling.temperatur" in out.stderr and "unknown field" in out.stderr and "line" in out.stderr
 
 
+@pytest.mark.parametrize("argv", [["train", "recipes/tiny_arith_grpo.yaml", "--bogus"], ["nope"], ["eval"]])
+def test_a_usage_error_is_exit_code_2_without_a_traceback(argv):
+    """typer raises its own copy of click's usage errors: they were a traceback with exit code 1."""
+    out = spo(*argv)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "Usage:" in out.stderr
+
+
 def test_train_with_bad_recipe_exits_2_and_creates_nothing(tmp_path):
     data = tiny_recipe_dict(tmp_path)
     data["optim"]["learning_rate"] = -1
