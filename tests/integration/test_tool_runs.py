@@ -40,17 +40,22 @@ def tool_spans_of(run: Path, iteration: int) -> list:
     return [ep.tool_spans for ep in read_episodes(run / "episodes" / f"iter_{iteration:06d}.jsonl")]
 
 
+WARM_START = Path(__file__).resolve().parents[1] / "assets" / "tiny_calculator" / "warm_start"
+
+
+def write_sft_recipe(where: str | Path) -> Path:
+    """The recipe whose `spo sft` made WARM_START (tests/assets/tiny_calculator/README.md)."""
+    return write_recipe(Path(where) / "sft.yaml", tiny_recipe_dict(Path(where), **SECTIONS))
+
+
 @pytest.fixture(scope="module")
-def warm_start(tmp_path_factory) -> Path:
-    """The calculator warm start every run here starts from (made once: what differs between the runs is the RL)."""
-    where = tmp_path_factory.mktemp("warm")
-    recipe = write_recipe(where / "sft.yaml", tiny_recipe_dict(where, **SECTIONS))
-    done = spo("sft", str(recipe))
-    assert done.returncode == 0, done.stderr[-3000:]
-    return where / "run" / "warm_start"
+def warm_start() -> Path:
+    """The calculator warm start every run here starts from (committed: what differs between the runs is the RL;
+    `warm_start.load_from` refuses it if SECTIONS' model, task or warm-start settings changed)."""
+    return WARM_START
 
 
-@pytest.mark.slow  # ~80 s (a 300-step warm start and five short runs): CI's end-to-end phase
+@pytest.mark.slow  # ~100 s (five short runs): CI's end-to-end phase
 def test_a_tool_run_killed_mid_sampling_resumes_exactly_and_its_episodes_stand_alone(tmp_path, warm_start):
     warm = f"warm_start.load_from={warm_start}"
     ref = write_recipe(tmp_path / "ref.yaml", tiny_recipe_dict(tmp_path / "ref", **SECTIONS))
