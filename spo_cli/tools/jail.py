@@ -4,7 +4,8 @@ the namespaces, the uid mapping, dropping every capability, the mounts and the s
 
 What the jail gives a worker and every call it forks:
 - an unprivileged uid, never the host's uid 0. When spo runs as root: a uid of its own that no account has
-  (`ROOT_MODE_UID_BASE` + the worker's slot, so one worker's processes count against no other's process limit),
+  (`host_uid`: from `ROOT_MODE_UID_BASE` up, by spo's pid and the worker's slot, so one worker's processes count
+  against no other's process limit),
   with no user namespace (nsjail builds the mounts as root, then drops to that uid). Otherwise: `SANDBOX_UID`
   inside a user namespace, which is spo's own uid on the host. No capabilities, `no_new_privs`.
 - a root of its own, read-only: the system's /usr (with /bin, /lib... as the host has them), the few files of /etc
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SANDBOX_UID = 65534  # the uid inside a user namespace (nobody): it owns nothing the jail shows
-ROOT_MODE_UID_BASE = 2_100_000_000  # when spo runs as root, worker i runs as this + i on the host: uids no account has
+ROOT_MODE_UID_BASE = 2_100_000_000  # as root, workers run as uids from here (host_uid): uids no account has
 WORKDIR = "/sandbox"
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 LOADER_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime")
@@ -114,8 +115,12 @@ def _outermost(paths: list[str]) -> tuple[str, ...]:
 
 
 def host_uid(slot: int) -> int:
-    """The host uid of worker `slot`'s processes (module docstring)."""
-    return ROOT_MODE_UID_BASE + slot if os.geteuid() == 0 else os.geteuid()
+    """The host uid of worker `slot`'s processes (module docstring): as root, one of 256 uids of this spo process
+    (its pid picks the block), so neither its other workers nor another spo's (a distributed run's other ranks)
+    share a process count or a kill(-1) with it."""
+    if os.geteuid() != 0:
+        return os.geteuid()
+    return ROOT_MODE_UID_BASE + (os.getpid() % 4096) * 256 + slot % 256
 
 
 def _identity(slot: int) -> list[str]:

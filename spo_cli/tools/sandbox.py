@@ -354,7 +354,7 @@ class _JailLauncher:
     def __init__(self, nsjail: str, install: jail.PythonInstall, limits: SandboxLimits):
         self.nsjail, self.install, self.disk_mb = nsjail, install, limits.disk_mb
         self.slots = _Slots()
-        uid = f"uid {jail.host_uid(0)}+" if os.geteuid() == 0 else f"uid {jail.SANDBOX_UID} (host uid {os.geteuid()})"
+        uid = f"uid {jail.host_uid(0)}+ (no account's)" if os.geteuid() == 0 else f"uid {jail.SANDBOX_UID} (host uid {os.geteuid()})"
         self.description = (
             f"nsjail: own mount/PID/network/IPC/UTS namespaces, {uid}, no capabilities, seccomp filter, "
             f"read-only root, private /dev, /sandbox tmpfs of {limits.disk_mb} MiB, no network"
