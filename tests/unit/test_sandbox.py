@@ -14,7 +14,7 @@ import pytest
 from spo_cli.tools import jail
 from spo_cli.tools.sandbox import LocalSandbox, SandboxLimits, SandboxUnavailable
 
-LIMITS = SandboxLimits(wall_seconds=2.0, cpu_seconds=1.0, memory_mb=256, output_bytes=2000, disk_mb=4, open_files=32)
+LIMITS = SandboxLimits(wall_seconds=3.0, cpu_seconds=1.0, memory_mb=256, output_bytes=2000, disk_mb=4, open_files=32)
 # Unisolated as root, the code runs as an unprivileged uid, which cannot read a Python under /root (this machine's):
 # the system's Python serves there.
 SYSTEM_PYTHON = "/usr/bin/python3"
