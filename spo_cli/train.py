@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import math
 import os
@@ -122,7 +123,15 @@ def train(
         # No process leaves the group while another may still be in a collective (a process that tears its gloo
         # group down early can abort at exit). Only on success: after an error the launcher stops the others.
         run.cluster.barrier()
-    if not run.cluster.is_main:
+    is_main, distributed = run.cluster.is_main, run.cluster.distributed
+    # destroy_process_group only unregistered the group: the DDP module's reducer keeps it, and the module sits in
+    # reference cycles. Freed during the interpreter's finalization, a gloo thread still holding work aborts the
+    # process after a run that succeeded (SIGABRT, "terminate called without an active exception": the rare rank-1
+    # abort of the two-process tests, docs/software_stack.md#deepspeed-and-the-process-group-at-exit). Free it now.
+    del run
+    if distributed:
+        gc.collect()
+    if not is_main:
         return None
     _print_before_after(console, before, after)
     return summary
