@@ -58,6 +58,12 @@ def _load(path: Path, overrides: list[str] | None):
     return load_recipe(path, overrides or [])
 
 
+def _check_output_file(out: Path, example: str) -> None:
+    """Refuse an --out that is a directory before any work: the file is written beside it and renamed onto it."""
+    if out.is_dir():
+        raise SpoUserError(f"--out {out} is a directory: name the file to write, e.g. {out / example}")
+
+
 @app.command()
 def train(
     recipe: RecipeArg,
@@ -160,6 +166,7 @@ def partition(
 
     Episodes without log-probabilities (from another tool) are scored first with one batched forward pass.
     """
+    _check_output_file(output, "episodes.jsonl")
     spec = _load(recipe, overrides)
     from spo_cli.standalone import partition_file
 
@@ -253,6 +260,7 @@ def estimate_values(
     given = {"--in": input, "--critic": critic, "--iteration": iteration, "--samples-per-prompt": samples_per_prompt,
              "--prompts-per-shard": prompts_per_shard, "--max-scores-per-prompt": max_scores_per_prompt}  # fmt: skip
     _check_estimate_mode(offline, {name for name, value in given.items() if value is not None})
+    _check_output_file(output, "values.json" if offline else "episodes.jsonl")
     spec = _load(recipe, overrides)
     if offline:
         from spo_cli.estimate.single_stream.offline_values import offline_values_file

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -40,6 +41,8 @@ READABLE_VERSIONS = (1, 2, 3, 4, 5)
 # float32 log-softmax of a near-certain token can round a few ulps above 0 (a logit of magnitude ~100 has an ulp
 # of ~1e-5); anything above this is a probability above 1, not a rounding error.
 LOGPROB_TOLERANCE = 1e-4
+# `metadata` is free-form JSON; spo's own (an SPO-tree node's place) nests 2 levels.
+MAX_METADATA_DEPTH = 100
 
 
 def _log_probabilities(values: list[float] | None) -> list[float] | None:
@@ -133,7 +136,11 @@ class Episode(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _finite_metadata(cls, metadata: dict[str, Any]) -> dict[str, Any]:
-        # Free-form, so allow_inf_nan does not reach it; a later stage reads numbers from it (tree values).
+        # Free-form, so neither the field types nor allow_inf_nan reach it. Bounded first: the number check below
+        # and the writers recurse per level, and would end in a RecursionError.
+        if nesting_exceeds(metadata, MAX_METADATA_DEPTH):
+            raise ValueError(f"nested more than {MAX_METADATA_DEPTH} levels deep (spo's own metadata has a few)")
+        # A later stage reads numbers from it (tree values).
         found = non_finite_number(metadata)
         if found is not None:
             raise ValueError(f"{found[0]} is {found[1]}, not a finite number")
@@ -175,6 +182,20 @@ def check_segments_cover(segments: Sequence[Segment], length: int) -> None:
         pos = seg.end
     if pos != length and not (length == 0 and not segments):
         raise ValueError(f"segments cover [0, {pos}) but the response has {length} tokens")
+
+
+def nesting_exceeds(value: Any, limit: int) -> bool:
+    """Whether dicts and lists in `value` nest deeper than `limit` levels (`value` itself is level 1); iterative, so
+    any depth is measured without recursion."""
+    level = [value] if isinstance(value, dict | list) else []
+    for _ in range(limit):
+        level = [
+            child for node in level for child in (node.values() if isinstance(node, dict) else node)
+            if isinstance(child, dict | list)
+        ]  # fmt: skip
+        if not level:
+            return False
+    return True
 
 
 def non_finite_number(value: Any, where: str = "") -> tuple[str, float] | None:
@@ -266,9 +287,14 @@ def iter_jsonl(path: str | Path, what: str = "file") -> Iterator[tuple[int, Any]
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise SpoUserError(f"{path}:{lineno}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+            except RecursionError:  # the json module recurses per level of nesting
+                raise SpoUserError(
+                    f"{path}:{lineno}: not valid JSON: nested more than the parser's ~{sys.getrecursionlimit()} levels"
+                ) from None
+            yield lineno, value
 
 
 def iter_numbered_episodes(path: str | Path) -> Iterator[tuple[int, Episode]]:

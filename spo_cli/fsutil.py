@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -17,6 +18,8 @@ class atomic_open:
         self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
 
     def __enter__(self):
+        if self.path.is_dir():  # the rename at the end would fail, after all the work of writing
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(self.path))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.fh = self.tmp.open("w", encoding="utf-8")
@@ -29,10 +32,15 @@ class atomic_open:
             self.fh.close()
             self.tmp.unlink(missing_ok=True)
             return False
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-        self.fh.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+            self.fh.close()
+            os.replace(self.tmp, self.path)
+        except OSError as exc:  # e.g. a full disk, or `path` made a directory meanwhile: leave no temporary file
+            self.fh.close()
+            self.tmp.unlink(missing_ok=True)
+            raise type(exc)(exc.errno, exc.strerror, str(self.path)) from None
         return False
 
 

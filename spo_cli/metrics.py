@@ -8,22 +8,59 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from spo_cli.errors import SpoUserError
 from spo_cli.fsutil import atomic_write_text
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSONL log; a torn last line (the process was killed mid-write) is dropped."""
+# A damaged line of one of spo's own logs: what to do about it.
+REPAIR = "the file is spo's own log and this line is damaged: delete the line (or restore the file) and run again"
+
+
+def read_records(path: Path, repair: str = REPAIR) -> list[dict[str, Any]]:
+    """Records of a JSONL log spo wrote; a torn last line (the process was killed mid-write, before its newline) is
+    dropped. Any other line that is not a record raises SpoUserError naming file and line, and `repair`."""
     if not path.is_file():
         return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_bytes().split(b"\n")  # the last item: b"" after a final newline, else a torn line
     records = []
-    for i, line in enumerate(lines):
+    for lineno, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i != len(lines) - 1:
-                raise
+            records.append(_record(raw))
+        except ValueError as exc:
+            if lineno == len(lines):
+                continue  # torn: a record and its newline are written at once, so this one never was
+            raise SpoUserError(f"{path}:{lineno}: {exc}: {repair}") from None
     return records
+
+
+def _record(raw: bytes) -> dict[str, Any]:
+    """One log line as a record; ValueError saying what is wrong with it."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg}) at column {exc.colno}") from None
+    except RecursionError:
+        raise ValueError("not a record (JSON nested too deep)") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"not a record (a JSON {_json_type(record)}, not an object)")
+    iteration = record.get("iteration", 0)
+    if not isinstance(iteration, int) or isinstance(iteration, bool):
+        raise ValueError(f"iteration is {_clip(repr(iteration))}, not an iteration number")
+    return record
+
+
+def _json_type(value: Any) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(value), "null")
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def truncate_records(path: Path, last_iteration: int) -> None:

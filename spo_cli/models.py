@@ -113,11 +113,12 @@ def load_pretrained(spec: PretrainedModel, field: str = "model.name_or_path") ->
         kwargs["local_files_only"] = True
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or name, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
+        model, loading = AutoModelForCausalLM.from_pretrained(
             name,
             dtype=getattr(torch, spec.dtype),
             attn_implementation=spec.attn_implementation,
             use_safetensors=True,
+            output_loading_info=True,
             **kwargs,
         )
     except _load_errors() as exc:
@@ -127,6 +128,8 @@ def load_pretrained(spec: PretrainedModel, field: str = "model.name_or_path") ->
         if "trust_remote_code" in str(exc) and not spec.trust_remote_code:
             hint = " (the model ships its own code, which runs only with `model.trust_remote_code: true`)"
         raise SpoUserError(f"`{field}`: cannot load {name!r}{hint}: {_one_line(exc)}") from None
+    if _is_local(name):  # a hub model is downloaded whole (its files are checked against their hashes)
+        _refuse_missing_weights(loading, Path(name).expanduser(), f"`{field}`: ")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -185,12 +188,28 @@ def load_checkpoint(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokeni
     config = check_model_dir(path)
     tokenizer = load_tokenizer(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, local_files_only=True, dtype="auto", use_safetensors=True
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            path, config=config, local_files_only=True, dtype="auto", use_safetensors=True, output_loading_info=True
         )
     except _load_errors() as exc:
         raise SpoUserError(f"{path}: not a model directory spo wrote: {_one_line(exc)}") from None
+    _refuse_missing_weights(loading, path)
     return model, tokenizer
+
+
+def _refuse_missing_weights(loading: dict, path: Path, prefix: str = "") -> None:
+    """Refuse a model whose weights files lack some of its tensors: transformers starts those from random values, with
+    only a log line, so a damaged checkpoint would be trained or evaluated as if it were whole. Weights tied to others
+    (an LM head sharing the embedding) are not saved and not missing."""
+    missing = sorted(loading.get("missing_keys") or ())
+    if missing:
+        index = path / "model.safetensors.index.json"
+        where = index if index.is_file() else path / "model.safetensors"
+        names = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise SpoUserError(
+            f"{prefix}{where}: lacks {names} (it would start from random values): the weights are incomplete; "
+            + _SAVE_AGAIN
+        )
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
@@ -224,6 +243,7 @@ def check_model_dir(path: Path, field: str | None = None, trust_remote_code: boo
     if not path.is_dir():
         raise SpoUserError(f"{prefix}no such model directory: {path}")
     config = _read_config(path, prefix, trust_remote_code)
+    _check_sizes(config, path / "config.json", prefix)
     weights = _safetensors_files(path, prefix)
     if not weights:
         pickled = sorted(p.name for p in path.glob("*.bin"))
@@ -234,9 +254,65 @@ def check_model_dir(path: Path, field: str | None = None, trust_remote_code: boo
                 + _CONVERT.format(path=str(path))
             )
         raise SpoUserError(f"{prefix}{path}: no weights: a model directory holds model.safetensors beside config.json")
-    for file in weights:
-        _check_safetensors(file, prefix)
+    shapes = {name: (file, shape) for file in weights for name, shape in _check_safetensors(file, prefix).items()}
+    _check_shapes(config, path / "config.json", shapes, prefix, trust_remote_code)
     return config
+
+
+# A config's sizes above these describe no model (the largest released: hidden 16384-25600, a 262k vocabulary, 126
+# layers): a damaged or hostile config, which transformers would allocate for ("Storage size calculation overflowed",
+# or all the memory there is) before finding that the weights do not fit it.
+CONFIG_SIZE_LIMITS = {
+    "vocab_size": 2**22,
+    "hidden_size": 2**16,
+    "intermediate_size": 2**18,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 2**14,
+}
+
+
+def _check_sizes(config: PretrainedConfig, file: Path, prefix: str) -> None:
+    """Refuse a size in `config` that no model has (see CONFIG_SIZE_LIMITS), naming the field."""
+    for name, limit in CONFIG_SIZE_LIMITS.items():
+        value = getattr(config, name, None)
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue  # unset, or an architecture without it (transformers checks its own types)
+        if not 1 <= value <= limit:
+            bound = f"above {limit}: no model is that big" if value > limit else "not a positive size"
+            raise SpoUserError(f"{prefix}{file}: {name} is {value}, {bound}; is the file damaged?")
+
+
+def _check_shapes(
+    config: PretrainedConfig,
+    file: Path,
+    shapes: dict[str, tuple[Path, list[int]]],
+    prefix: str,
+    trust_remote_code: bool,
+) -> None:
+    """Refuse a config that gives a tensor another shape than the weights files hold (e.g. an edited config.json):
+    transformers would build the whole model at the config's sizes before failing. The model is built on the meta
+    device, which allocates nothing; tensors named differently in the files (renamed on load) are not compared."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if getattr(config, "quantization_config", None) is not None:
+        return  # quantized weights are packed: their shapes differ from the model's by design
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (RuntimeError, OverflowError) as exc:  # sizes that no tensor can have
+        raise SpoUserError(f"{prefix}{file}: cannot build the model it describes: {_one_line(exc)}") from None
+    except Exception:  # noqa: BLE001 - not a causal LM (e.g. a critic's backbone): loading it says what is wrong
+        return
+    for name, tensor in model.state_dict().items():
+        if name in shapes and list(tensor.shape) != shapes[name][1]:
+            weights, shape = shapes[name]
+            raise SpoUserError(
+                f"{prefix}{file}: gives {name} the shape {list(tensor.shape)}, but {weights.name} holds {shape}: "
+                "this config is not the weights' (edited, or copied from another model)"
+            )
 
 
 def _read_config(path: Path, prefix: str, trust_remote_code: bool) -> PretrainedConfig:
@@ -276,9 +352,10 @@ def _safetensors_files(path: Path, prefix: str) -> list[Path]:
     return [path / name for name in shards]
 
 
-def _check_safetensors(file: Path, prefix: str = "") -> None:
-    """Refuse a truncated or garbled safetensors file by its header (8 bytes of length, then JSON with each tensor's
-    byte range), before transformers fails on it with a traceback."""
+def _check_safetensors(file: Path, prefix: str = "") -> dict[str, list[int]]:
+    """The shape of every tensor of a safetensors file, read from its header (8 bytes of length, then JSON with each
+    tensor's shape and byte range); a truncated or garbled file is refused before transformers fails on it with a
+    traceback."""
     size = file.stat().st_size
     with file.open("rb") as fh:
         head = fh.read(8)
@@ -292,7 +369,9 @@ def _check_safetensors(file: Path, prefix: str = "") -> None:
             if length > _MAX_HEADER:
                 raise ValueError("header too long")
             header = json.loads(fh.read(length))
-            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+            tensors = {k: t for k, t in header.items() if k != "__metadata__"}
+            end = max((int(t["data_offsets"][1]) for t in tensors.values()), default=0)
+            shapes = {k: [int(n) for n in t["shape"]] for k, t in tensors.items()}
         except (ValueError, TypeError, KeyError, IndexError, AttributeError):
             raise SpoUserError(f"{prefix}{file}: not a safetensors file (no valid header): {_SAVE_AGAIN}") from None
     described = 8 + length + end
@@ -300,6 +379,7 @@ def _check_safetensors(file: Path, prefix: str = "") -> None:
         raise SpoUserError(
             f"{prefix}{file}: truncated ({size} of the {described} bytes its header describes): {_SAVE_AGAIN}"
         )
+    return shapes
 
 
 def _load_errors() -> tuple[type[Exception], ...]:

@@ -15,6 +15,7 @@ import errno
 import json
 import reprlib
 import stat
+import string
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
@@ -42,6 +43,14 @@ MAX_COUNT = 10**9  # iterations, steps and other counts: loop bounds, exact in a
 # An AdamW step moves each weight by about the learning rate: above 1 any model diverges at once (and torch's
 # optimizers fail outright past float32's range); a finite run that still diverges is stopped by the loop.
 MAX_LEARNING_RATE = 1.0
+# The lowest sampling temperature: vLLM raises any lower one to 0.01 (so the backends, and the loss's log-probs,
+# would disagree), and the float32 logits / T lose the precision log-probs need below it (an ulp of 30 / 1e-6 is
+# 2 nats); 1e-320 even divides by float32's 0. Greedy decoding is eval.greedy, not a temperature.
+MIN_TEMPERATURE = 0.01
+# The smallest AdamW epsilon: below float32's (and bfloat16's) smallest normal number, 1.2e-38, an epsilon added to
+# the optimizer's float32 state rounds to 0 (or to a subnormal that flush-to-zero hardware reads as 0), and the
+# update of a weight that never had a gradient is then 0 / 0, NaN. 1e-30 keeps a margin and reads plainly.
+MIN_ADAM_EPSILON = 1e-30
 
 EXCERPT_CHARS = 200  # the most of the user's input an error message quotes
 
@@ -137,6 +146,12 @@ class Run(Section):
             raise ValueError(f"{_excerpt(name)} is a path, not a name (no '/', '\\', '.' or '..'): {where}")
         if "\0" in name or len(name.encode("utf-8", "replace")) > 255:
             raise ValueError(f"{_excerpt(name)} cannot name a folder (a NUL character, or over 255 bytes)")
+        # It also names the run in every log line, W&B and TensorBoard: a newline or an escape code would garble them.
+        unprintable = next((c for c in name if not c.isprintable()), None)
+        if unprintable is not None:
+            raise ValueError(f"{_excerpt(name)} contains a control character ({unprintable!r}): use a printable name")
+        if not name.strip():
+            raise ValueError(f"{_excerpt(name)} is blank: use a name that shows in logs and folder listings")
         return name
 
     @field_validator("output_dir")
@@ -323,6 +338,30 @@ class _FileTask(Section):
         return path
 
 
+def _check_template(template: str, placeholder: str, kind: str) -> str:
+    """`template` if the task can fill it (str.format with `placeholder` alone), else ValueError saying why: a brace
+    meant literally, an unknown name or a bad format spec would otherwise raise KeyError or ValueError mid-run."""
+    literal = "write {{ and }} for a literal brace"
+    try:
+        names = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as exc:
+        raise ValueError(f"not a format string: {exc} ({literal})") from None
+    unknown = next((name for name in names if name != placeholder), None)
+    if unknown is not None:
+        raise ValueError(
+            f"unknown placeholder {{{_clip(unknown)}}}: the {kind} task fills only {{{placeholder}}} ({literal})"
+        )
+    if not names:
+        raise ValueError(f"has no {{{placeholder}}} placeholder: every prompt would be the same text")
+    try:
+        template.format(**{placeholder: "x"})
+    except LookupError:  # a placeholder nested in a format spec ({question:{width}}), which parse() does not list
+        raise ValueError(f"a placeholder inside a format spec: the {kind} task fills only {{{placeholder}}}") from None
+    except (ValueError, TypeError) as exc:  # a spec or conversion a string cannot take: {question:d}, {question!x}
+        raise ValueError(f"cannot be filled: {exc}") from None
+    return template
+
+
 class Gsm8k(_FileTask):
     """GSM8K with the reference "#### answer" reward: 1/0, -2 for several "####", 0 when unfinished."""
 
@@ -335,6 +374,11 @@ class Gsm8k(_FileTask):
         False,
         description="Reward 0 for a response cut by max_completion_length (the reference does this for SPO, not GRPO).",
     )
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _fillable(cls, template: str) -> str:
+        return _check_template(template, "question", "gsm8k")
 
 
 class Math(_FileTask):
@@ -357,6 +401,11 @@ class Math(_FileTask):
         "else the last \\boxed{} of `solution` (MATH).",
     )
     penalize_truncated: bool = Field(False, description="Reward 0 for a response cut by max_completion_length.")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _fillable(cls, template: str) -> str:
+        return _check_template(template, "problem", "math")
 
 
 TaskSpec = kind_union(Arith, Gsm8k, Math)
@@ -569,7 +618,11 @@ class Sampling(Section):
     )
     prompts_per_iteration: int = Field(32, ge=1, le=MAX_BATCH, description="Prompts sampled per iteration.")
     num_generations: int = Field(8, ge=1, le=MAX_BATCH, description="Responses per prompt (the group size G).")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs and the loss use the same one.")
+    temperature: float = Field(
+        1.0,
+        ge=MIN_TEMPERATURE,
+        description="Sampling temperature (at least 0.01, vLLM's lowest); log-probs and the loss use the same one.",
+    )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (not reflected in log-probs).")
     top_k: int = Field(0, ge=0, le=MAX_TOKENS, description="Top-k sampling; 0 = off.")
     max_completion_length: int = Field(64, ge=1, le=MAX_TOKENS, description="Most new tokens per response.")
@@ -1020,7 +1073,9 @@ class Optim(Section):
     learning_rate: float = Field(1e-6, gt=0, le=MAX_LEARNING_RATE, description="Peak learning rate (at most 1).")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
-    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    adam_epsilon: float = Field(
+        1e-8, ge=MIN_ADAM_EPSILON, description="AdamW epsilon (at least 1e-30: a smaller one is 0 in float32)."
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     lr_scheduler_type: Literal["constant", "linear", "cosine", "warmup_decay"] = Field(
         "linear",
@@ -1206,7 +1261,11 @@ class Eval(Section):
     num_samples: int = Field(
         4, ge=0, le=MAX_BATCH, description="Sampled responses per problem for sampled accuracy; 0 = skip."
     )
-    temperature: float = Field(1.0, gt=0, description="Temperature of the sampled evaluation.")
+    temperature: float = Field(
+        1.0,
+        ge=MIN_TEMPERATURE,
+        description="Temperature of the sampled evaluation (at least 0.01; greedy decoding is `greedy`).",
+    )
     top_p: float = Field(1.0, gt=0, le=1, description="top_p of the sampled evaluation.")
     top_k: int = Field(0, ge=0, le=MAX_TOKENS, description="top_k of the sampled evaluation; 0 = off.")
     max_completion_length: int | None = Field(
@@ -1538,9 +1597,21 @@ def format_validation_error(exc: ValidationError, source: str, root: yaml.Node |
     return "\n".join(lines)
 
 
+_BOUND_WORDS = {
+    "greater_than": ("gt", "greater than"),
+    "greater_than_equal": ("ge", "greater than or equal to"),
+    "less_than": ("lt", "less than"),
+    "less_than_equal": ("le", "less than or equal to"),
+}
+
+
 def _problem_message(err: Any, loc: tuple[Any, ...]) -> str:
     """One pydantic error as a sentence; the input it quotes is a bounded excerpt."""
     msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] in _BOUND_WORDS and isinstance(err["ctx"][_BOUND_WORDS[err["type"]][0]], float):
+        # pydantic spells a float bound in full decimals (1e-30 as 0.000...001); Python's repr is the short form
+        key, words = _BOUND_WORDS[err["type"]]
+        msg = f"Input should be {words} {err['ctx'][key]!r}"
     if err["type"] == "extra_forbidden":
         msg = "unknown field"
     elif err["type"] == "union_tag_invalid":
@@ -1628,14 +1699,25 @@ def _read_recipe_text(path: Path) -> str:
         ) from None
 
 
+def read_recipe_yaml(path: str | Path) -> Any:
+    """The YAML data of a recipe file, not validated (e.g. a run's recipe.resolved.yaml, which an older spo may have
+    written), read as every recipe is: only plain YAML, bounded in size and depth. Raises SpoUserError naming the file
+    and line."""
+    return _read_recipe_yaml(Path(path))[1]
+
+
+def _read_recipe_yaml(path: Path) -> tuple[yaml.Node | None, Any]:
+    text = _read_recipe_text(path)
+    try:
+        return _parse_yaml(text)
+    except _YamlProblem as exc:
+        raise SpoUserError(f"{path}{f':{exc.line}' if exc.line else ''}: {exc}") from None
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe file. Raises SpoUserError naming the file, field and line."""
     path = Path(path)
-    text = _read_recipe_text(path)
-    try:
-        root, data = _parse_yaml(text)
-    except _YamlProblem as exc:
-        raise SpoUserError(f"{path}{f':{exc.line}' if exc.line else ''}: {exc}") from None
+    root, data = _read_recipe_yaml(path)
     if data is None:
         raise SpoUserError(f"{path}: the recipe is empty")
     if overrides:

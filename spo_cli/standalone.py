@@ -29,7 +29,25 @@ def check_episodes_fit(numbered: list[tuple[int, Episode]], path: Path, model, w
     """Refuse, naming file and line, the first episode `model` cannot run on (a token id outside its vocabulary, more
     tokens than its context, no prompt), before any forward pass fails on it deep inside the model."""
     vocab_size = model.get_input_embeddings().num_embeddings
-    max_context = getattr(model.config, "max_position_embeddings", None)
+    _check_fit(numbered, path, vocab_size, getattr(model.config, "max_position_embeddings", None), what)
+
+
+def check_episodes_fit_policy_dir(numbered: list[tuple[int, Episode]], path: Path, policy_dir: Path) -> None:
+    """`check_episodes_fit` against the --policy model's config.json, without loading its weights: a stage that never
+    runs the model (scored episodes, a group estimator) must not write episodes it could not have sampled."""
+    from spo_cli.models import check_model_dir
+
+    if not (policy_dir / "config.json").is_file():
+        raise SpoUserError(f"--policy {policy_dir}: not a Hugging Face model directory (no config.json)")
+    config = check_model_dir(policy_dir, "--policy")
+    vocab_size = getattr(config, "vocab_size", None)
+    if isinstance(vocab_size, int):
+        _check_fit(numbered, path, vocab_size, getattr(config, "max_position_embeddings", None), str(policy_dir))
+
+
+def _check_fit(
+    numbered: list[tuple[int, Episode]], path: Path, vocab_size: int, max_context: int | None, what: str
+) -> None:
     for lineno, episode in numbered:
         problem = model_fit_problem(episode, vocab_size, max_context)
         if problem is not None:
@@ -38,6 +56,8 @@ def check_episodes_fit(numbered: list[tuple[int, Episode]], path: Path, model, w
 
 def partition_file(recipe: Recipe, input_path: Path, output_path: Path, policy_dir: Path | None, log: Callable[[str], None]) -> int:
     numbered = read_numbered_episodes(input_path)
+    if policy_dir is not None:
+        check_episodes_fit_policy_dir(numbered, input_path, policy_dir)
     episodes = [ep for _, ep in numbered]
     spec = recipe.partitioner
     need_entropy = isinstance(spec, Entropy)
@@ -74,6 +94,8 @@ def estimate_file(
     if isinstance(recipe.estimator, McTree) and is_prompt_file(input_path):
         return grow_trees_file(recipe, input_path, output_path, policy_dir, iteration, log)
     numbered = read_numbered_episodes(input_path)
+    if policy_dir is not None:
+        check_episodes_fit_policy_dir(numbered, input_path, policy_dir)
     episodes = [ep for _, ep in numbered]
     state_values, critic_values, task = None, None, None
     if needs_critic(recipe.estimator):

@@ -31,24 +31,28 @@ def group_advantages(
         list[float]: advantage per response, length ``N``, in input order.
 
     Raises:
-        ValueError: if ``rewards`` and ``group_ids`` differ in length.
+        ValueError: if ``rewards`` and ``group_ids`` differ in length, or (``scale_by_std=False``) a
+            group's rewards span more than the largest float, so ``r_i - mean_g`` overflows.
     """
 
     advantages = [0.0] * len(rewards)
-    for idx in _groups(rewards, group_ids):
+    for gid, idx in _groups(rewards, group_ids):
         values = [float(rewards[i]) for i in idx]
         # Tested explicitly: a float mean of equal values can differ from them in the last
         # ulp, and dividing that residue by a ~0 std would give a spurious non-zero advantage.
         if all(v == values[0] for v in values):
             continue
-        mean = math.fsum(values) / len(values)
+        # In units of a power of two near the largest |reward| (exact): squares of rewards near 1e308 overflow.
+        scale = _unit(values)
+        scaled = [v / scale for v in values]
+        mean = math.fsum(scaled) / len(scaled)
         if scale_by_std:
-            std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / len(values))
-            for i, v in zip(idx, values):
-                advantages[i] = (v - mean) / (std + eps)
+            std = math.sqrt(math.fsum((v - mean) ** 2 for v in scaled) / len(scaled))
+            for i, v in zip(idx, scaled):
+                advantages[i] = (v - mean) / (std + eps / scale)
         else:
-            for i, v in zip(idx, values):
-                advantages[i] = v - mean
+            for i, v in zip(idx, scaled):
+                advantages[i] = _unscaled(v - mean, scale, gid, values)
     return advantages
 
 
@@ -68,18 +72,38 @@ def rloo_advantages(rewards: Sequence[float], group_ids: Sequence[Hashable]) -> 
         list[float]: advantage per response, length ``N``, in input order.
     """
     advantages = [0.0] * len(rewards)
-    for idx in _groups(rewards, group_ids):
+    for gid, idx in _groups(rewards, group_ids):
         values = [float(rewards[i]) for i in idx]
         if len(values) < 2 or all(v == values[0] for v in values):
             continue
-        total = math.fsum(values)
-        for i, v in zip(idx, values):
-            advantages[i] = v - (total - v) / (len(values) - 1)
+        scale = _unit(values)  # as in group_advantages: the sum of rewards near 1e308 overflows
+        scaled = [v / scale for v in values]
+        total = math.fsum(scaled)
+        for i, v in zip(idx, scaled):
+            advantages[i] = _unscaled(v - (total - v) / (len(values) - 1), scale, gid, values)
     return advantages
 
 
-def _groups(rewards: Sequence[float], group_ids: Sequence[Hashable]) -> list[list[int]]:
-    """Indices of each group's members, in first-seen order; rewards and ids must pair up."""
+def _unit(values: Sequence[float]) -> float:
+    """The power of two at or just below the largest magnitude of `values` (not all 0): dividing by it is exact (bar
+    the underflow of values 2**-1000 times smaller than the largest, too small to change any result) and brings
+    every value within (-2, 2)."""
+    return math.ldexp(1.0, math.frexp(max(abs(v) for v in values))[1] - 1)
+
+
+def _unscaled(advantage: float, scale: float, gid: Hashable, values: Sequence[float]) -> float:
+    """`advantage * scale`; ValueError when that is beyond the largest float (rewards span more than it)."""
+    out = advantage * scale
+    if math.isinf(out):
+        raise ValueError(
+            f"group {gid}: rewards span more than the largest float ({max(values):g} - {min(values):g}): "
+            "their advantages cannot be represented; rescale the rewards"
+        )
+    return out
+
+
+def _groups(rewards: Sequence[float], group_ids: Sequence[Hashable]) -> list[tuple[Hashable, list[int]]]:
+    """(group id, indices of its members) of each group, in first-seen order; rewards and ids must pair up."""
     if len(rewards) != len(group_ids):
         raise ValueError(
             "rewards and group_ids must have the same length, "
@@ -88,4 +112,4 @@ def _groups(rewards: Sequence[float], group_ids: Sequence[Hashable]) -> list[lis
     members: dict[Hashable, list[int]] = {}
     for i, gid in enumerate(group_ids):
         members.setdefault(gid, []).append(i)
-    return list(members.values())
+    return list(members.items())

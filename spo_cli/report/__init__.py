@@ -9,8 +9,6 @@ import html
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import yaml
-
 from spo_cli.errors import SpoUserError
 from spo_cli.fsutil import atomic_write_text
 from spo_cli.report.credit import CSS, credit_section, pick_episodes
@@ -198,27 +196,35 @@ def _tool_markers(recipe: dict):
     """The run's tool-call markers (sampling.tools), the defaults when the run had none or an older recipe."""
     from spo_cli.tools.calls import ToolMarkers
 
-    tools = (recipe.get("sampling") or {}).get("tools") or {}
+    tools = _section(_section(recipe, "sampling"), "tools")
     fields = ("code_start", "code_end", "output_start", "output_end")
     return ToolMarkers(**{name: tools[name] for name in fields if isinstance(tools.get(name), str)})
 
 
 def _resolved_recipe(run_dir: Path) -> dict:
+    """The run's recipe as plain data (not validated: an older spo may have written it), read with the recipe
+    loader's limits (a binary, huge or deeply nested file is a SpoUserError naming it); {} when there is none."""
+    from spo_cli.recipe import read_recipe_yaml
+
     path = run_dir / "recipe.resolved.yaml"
     if not path.is_file():
         return {}
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise SpoUserError(f"{path}: not valid YAML ({exc})") from None
+    loaded = read_recipe_yaml(path)
     return loaded if isinstance(loaded, dict) else {}
+
+
+def _section(recipe: dict, name: str) -> dict:
+    """A section of a resolved recipe; {} when it is missing or not a mapping (a layout of another spo version)."""
+    section = recipe.get(name)
+    return section if isinstance(section, dict) else {}
 
 
 def _default_low_prob(recipe: dict) -> float:
     """SPO-chain's cutpoint threshold rho when the run used it (its cutpoints are exactly such tokens), else 0.5."""
-    partitioner = recipe.get("partitioner") or {}
-    if partitioner.get("kind") == "cutpoint":
-        return float(partitioner.get("rho", 0.9))
+    partitioner = _section(recipe, "partitioner")
+    rho = partitioner.get("rho", 0.9)
+    if partitioner.get("kind") == "cutpoint" and isinstance(rho, int | float) and 0 < rho <= 1:
+        return float(rho)
     return 0.5
 
 
@@ -231,7 +237,7 @@ def _tokenizer(run_dir: Path, recipe: dict):
             from spo_cli.models import load_tokenizer
 
             return load_tokenizer(candidate)
-    if (recipe.get("model") or {}).get("kind") == "tiny":
+    if _section(recipe, "model").get("kind") == "tiny":
         from spo_cli.models import build_byte_tokenizer
 
         return build_byte_tokenizer()

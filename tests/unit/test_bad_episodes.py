@@ -105,6 +105,43 @@ def test_estimate_refuses_a_nan_reward(tmp_path):
     _refused(tmp_path, "estimate-values", path, message)
 
 
+def test_metadata_nested_too_deep_names_file_and_line(tmp_path):
+    nested = "[" * 200_000 + "]" * 200_000
+    deep = json.dumps(_row(id="e1")).replace('"metadata": {}', '"metadata": {"x": ' + nested + "}")
+    path = tmp_path / "episodes.jsonl"
+    path.write_text(json.dumps(_row()) + "\n" + deep + "\n")
+    with pytest.raises(SpoUserError, match=re.escape(f"{path}:2: not valid JSON: nested more than")):
+        read_episodes(path)  # was: RecursionError
+    nested: dict = {}
+    for _ in range(150):  # json reads this; the checks and writers after it recurse per level
+        nested = {"x": nested}
+    path = _episode_file(tmp_path, _row(metadata=nested))
+    with pytest.raises(SpoUserError, match=re.escape(f"{path}:1: bad episode: metadata: nested more than 100 levels")):
+        read_episodes(path)
+    _refused(tmp_path, "partition", path, f"{path}:1: bad episode: metadata: nested more than 100 levels")
+
+
+def test_huge_rewards_get_the_advantages_of_their_scaled_values(tmp_path):
+    from spo_cli.estimate.group import group_advantages
+
+    rewards = [1e308, -1e308, 0.0, 1.7e308]  # legal JSON; (r - mean) ** 2 overflowed (OverflowError)
+    path = _episode_file(tmp_path, *(_row(id=f"e{i}", reward=r, segments=PARTITIONED) for i, r in enumerate(rewards)))
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe_dict(tmp_path))  # estimator: group
+    out = tmp_path / "out.jsonl"
+    code, err = spo_in_process("estimate-values", str(recipe), "--in", str(path), "--out", str(out))
+    assert code == 0, err
+    expected = group_advantages([1.0, -1.0, 0.0, 1.7], ["g0"] * 4, eps=0.0)  # eps: negligible next to 1e308
+    assert [ep.segments[0].advantage for ep in read_episodes(out)] == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("estimator", [{"kind": "rloo"}, {"kind": "group", "scale_by_std": False}])
+def test_rewards_whose_differences_overflow_are_refused(tmp_path, estimator):
+    rewards = [1.7e308, -1.7e308, -1.7e308]  # 1.7e308 - (-1.7e308) is beyond the largest float (was: a traceback)
+    path = _episode_file(tmp_path, *(_row(id=f"e{i}", reward=r, segments=PARTITIONED) for i, r in enumerate(rewards)))
+    message = f"{path}: group g0: rewards span more than the largest float (1.7e+308 - -1.7e+308)"
+    _refused(tmp_path, "estimate-values", path, message, estimator=estimator)
+
+
 # ------------------------------------------------------------------------------------------ write time
 
 
@@ -173,6 +210,27 @@ def test_estimate_refuses_token_ids_outside_the_critics_vocabulary(tmp_path, tin
         f"({TINY_VOCAB} ids); were the episodes sampled by another model? (checked against the critic in {critic_dir})"
     )
     _refused(tmp_path, "estimate-values", path, message, "--critic", str(critic_dir), estimator={"kind": "gae"})
+
+
+@pytest.fixture
+def policy_dir(tmp_path, tiny_policy) -> Path:
+    from spo_cli.models import save_model
+
+    save_model(*tiny_policy, tmp_path / "policy")
+    return tmp_path / "policy"
+
+
+@pytest.mark.parametrize("command", ["partition", "estimate-values"])
+def test_token_ids_outside_the_given_policys_vocabulary_are_refused_without_loading_it(tmp_path, policy_dir, command):
+    # Scored and partitioned: neither the whole partitioner nor the group estimator runs the model, so the ids were
+    # never checked (and the output claimed they came from --policy).
+    outside = _row(id="e1", response_token_ids=[4, 5, 300], segments=PARTITIONED)
+    path = _episode_file(tmp_path, _row(segments=PARTITIONED), outside)
+    message = (
+        f"{path}:2: bad episode: response_token_ids.2: token id 300 is outside the model's vocabulary "
+        f"({TINY_VOCAB} ids); were the episodes sampled by another model? (checked against {policy_dir})"
+    )
+    _refused(tmp_path, command, path, message, "--policy", str(policy_dir))
 
 
 @pytest.mark.parametrize(

@@ -80,6 +80,24 @@ def _no_weights(d: Path) -> None:
     (d / "model.safetensors").unlink()
 
 
+def _impossible_size(d: Path) -> None:
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "hidden_size": 10**12}))
+
+
+def _other_size(d: Path) -> None:
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "intermediate_size": 256}))  # the weights hold 128
+
+
+def _missing_tensor(d: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(d / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
+
+
 @pytest.mark.parametrize(
     ("damage", "file", "message"),
     [
@@ -88,8 +106,13 @@ def _no_weights(d: Path) -> None:
         (_truncated_header, "model.safetensors", "truncated, or not a safetensors file (1000 bytes"),
         (_truncated_data, "model.safetensors", "bytes its header describes): copy it again"),
         (_no_weights, "", "no weights: a model directory holds model.safetensors"),
+        (_impossible_size, "config.json", "hidden_size is 1000000000000, above 65536"),  # was: torch's RuntimeError
+        (_other_size, "config.json",
+         "gives model.layers.0.mlp.gate_proj.weight the shape [256, 64], but model.safetensors holds [128, 64]"),
+        (_missing_tensor, "model.safetensors", "lacks model.layers.1.mlp.down_proj.weight"),  # was: exit 0
     ],
-    ids=["config-not-json", "config-bad-value", "weights-truncated-header", "weights-truncated-data", "no-weights"],
+    ids=["config-not-json", "config-bad-value", "weights-truncated-header", "weights-truncated-data", "no-weights",
+         "impossible-size", "size-of-other-weights", "missing-tensor"],
 )
 def test_eval_of_a_damaged_checkpoint_names_the_file(tmp_path, model_dir, damage, file, message):
     damaged = tmp_path / "damaged"
@@ -143,6 +166,52 @@ def test_a_garbled_trainer_state_names_the_file(tmp_path):
         read_trainer_state(ckpt)
 
 
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(recipe, run directory) of a one-iteration tiny run with its checkpoint, to damage copies of."""
+    tmp = tmp_path_factory.mktemp("trained")
+    data = tiny_recipe_dict(tmp)
+    data["warm_start"] = {"kind": "none"}
+    data["train"].update(iterations=1, ppo_epochs=1)
+    data["sampling"].update(prompts_per_iteration=2, num_generations=2, max_completion_length=8)
+    data["eval"] = {"before_training": False, "after_training": False}
+    data["logging"]["report_to"] = []
+    recipe = write_recipe(tmp / "recipe.yaml", data)
+    code, err = spo_in_process("train", str(recipe))
+    assert code == 0, err
+    return recipe, tmp / "run"
+
+
+def _resume_damaged(tmp_path: Path, trained_run: tuple[Path, Path], damage) -> str:
+    """The error line of `spo train --resume` on a copy of the trained run damaged by `damage(run_dir)`; the run
+    directory is left as it was (nothing half-made, so a retry after the repair works)."""
+    recipe, run = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    damage(copy)
+    before = sorted(str(p.relative_to(copy)) for p in copy.rglob("*"))
+    code, err = spo_in_process("train", str(recipe), f"run.output_dir={copy}", "train.iterations=2", "--resume")
+    assert code == 2, err
+    assert sorted(str(p.relative_to(copy)) for p in copy.rglob("*")) == before
+    return error_line(err)
+
+
+def test_resuming_from_a_checkpoint_of_impossible_size_names_the_field(tmp_path, trained_run):
+    config = tmp_path / "run" / "checkpoints" / "iter_000001" / "model" / "config.json"
+    line = _resume_damaged(tmp_path, trained_run, lambda run: _impossible_size(config.parent))
+    assert f"{config}: hidden_size is 1000000000000, above 65536" in line, line
+
+
+def test_resuming_with_a_garbled_metrics_line_names_file_and_line(tmp_path, trained_run):
+    metrics = tmp_path / "run" / "metrics.jsonl"
+
+    def garble(run: Path) -> None:
+        metrics.write_text("garbage{\n" + metrics.read_text())
+
+    line = _resume_damaged(tmp_path, trained_run, garble)
+    assert f"{metrics}:1: not valid JSON (Expecting value)" in line and "delete the line" in line, line
+
+
 # ------------------------------------------------------------------------------------------ spo report --out
 
 
@@ -182,6 +251,50 @@ def test_report_replaces_its_own_earlier_report_but_no_one_elses(tmp_path):
         line = error_line(err)
         assert f"{theirs / name} is not a file spo report wrote" in line
         assert (theirs / name).read_text() == "someone else's"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [b"\x89PNG\r\n" + bytes(range(256)), b"model: " + b"[" * 5000 + b"]" * 5000 + b"\n",
+     b"model: {kind: tiny}\npartitioner: 3\nsampling: [1]\n"],
+    ids=["binary", "deep", "sections-not-mappings"],
+)  # fmt: skip
+def test_report_reads_the_runs_recipe_with_the_recipe_loader(tmp_path, text):
+    run = _run_dir(tmp_path / "run")
+    write_episodes(run / "episodes" / "iter_000001.jsonl", [make_episode()])
+    (run / "recipe.resolved.yaml").write_bytes(text)
+    code, err = spo_in_process("report", str(run), "--out", str(tmp_path / "report"))
+    if b"partitioner: 3" in text:  # not this spo's layout (a run of another version): the defaults, as for none
+        assert code == 0, err
+    else:  # was: UnicodeDecodeError and RecursionError tracebacks
+        assert code == 2, err
+        assert f"error: {run / 'recipe.resolved.yaml'}:" in error_line(err)
+
+
+# ------------------------------------------------------------------------------- --out of a command writing a file
+
+
+@pytest.mark.parametrize("command", ["partition", "estimate-values"])
+def test_out_that_is_a_directory_is_refused_up_front(tmp_path, command):
+    episodes = tmp_path / "episodes.jsonl"
+    write_episodes(episodes, [make_episode(id=str(i), group_id="g", reward=float(i % 2)) for i in range(2)])
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe_dict(tmp_path))
+    out = tmp_path / "out"
+    out.mkdir()
+    code, err = spo_in_process(command, str(recipe), "--in", str(episodes), "--out", str(out))
+    assert code == 2, err
+    example = out / "episodes.jsonl"
+    assert error_line(err) == f"error: --out {out} is a directory: name the file to write, e.g. {example}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["episodes.jsonl", "out", "recipe.yaml"]
+
+
+def test_atomic_writes_over_a_directory_leave_no_temporary_file(tmp_path):
+    from spo_cli.fsutil import atomic_write_text
+
+    (tmp_path / "out").mkdir()
+    with pytest.raises(IsADirectoryError) as info:
+        atomic_write_text(tmp_path / "out", "text")
+    assert info.value.filename == str(tmp_path / "out") and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 # --------------------------------------------------------------------------------- unwritable directories

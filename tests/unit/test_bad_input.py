@@ -223,6 +223,24 @@ def test_yaml_that_would_build_python_objects_is_refused(tmp_path):
     assert not marker.exists() and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("path", "value", "field"),
+    [
+        (["sampling", "temperature"], 1e-320, "sampling.temperature"),  # was: a pydantic traceback mid-iteration
+        (["task"], {"kind": "gsm8k", "train_file": "TRAIN", "prompt_template": "{nope}"}, "task.prompt_template"),
+        (["task"], {"kind": "gsm8k", "train_file": "TRAIN", "prompt_template": "{"}, "task.prompt_template"),
+        (["run", "name"], "two\nlines", "run.name"),
+    ],
+    ids=["subnormal-temperature", "unknown-placeholder", "lone-brace", "newline-in-name"],
+)
+def test_values_that_failed_once_training_ran_are_refused_up_front(tmp_path, path, value, field):
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"question": "q", "answer": "#### 1"}\n')
+    if isinstance(value, dict):
+        value = {k: str(train) if v == "TRAIN" else v for k, v in value.items()}
+    _check_refused(_set(_base(Path("x")), path, value), field)
+
+
 # ------------------------------------------------------------------------------ episode and data files
 
 

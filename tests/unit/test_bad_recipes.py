@@ -325,3 +325,75 @@ def test_a_plain_run_name_still_names_the_default_folder(tmp_path):
     del data["run"]["output_dir"]
     data["run"]["name"] = "grpo-seed_1.v2"
     assert parse_recipe(data).run.run_dir == Path("runs/grpo-seed_1.v2")
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ('"a\\nb"', "'a\\nb' contains a control character ('\\n')"),
+        ('"a\\tb"', "'a\\tb' contains a control character ('\\t')"),
+        ('"\\e[31mred"', "'\\x1b[31mred' contains a control character ('\\x1b')"),
+        ("'   '", "'   ' is blank"),
+    ],
+    ids=["newline", "tab", "escape-code", "spaces"],
+)
+def test_run_name_is_printable_and_not_blank(tmp_path, name, problem):
+    path = _recipe(tmp_path)
+    message = _refused(path, [f"run.name={name}"])
+    line = _line(path, "  name:")
+    assert message.startswith(f"{path}: invalid recipe (1 problem)\n  run.name (line {line}): {problem}"), message
+
+
+# ----------------------------------------------------------------------------- numbers too small to compute with
+
+
+@pytest.mark.parametrize(
+    ("override", "bound"),
+    [
+        ("sampling.temperature=1e-320", "0.01"),  # logits / 1e-320 are inf: NaN log-probs, a traceback mid-run
+        ("eval.temperature=0.001", "0.01"),  # vLLM would sample at 0.01 instead
+        ("optim.adam_epsilon=1e-320", "1e-30"),  # 0 in float32: AdamW's 0 / 0 makes NaN weights
+    ],
+)
+def test_numbers_too_small_to_compute_with_name_the_field(tmp_path, override, bound):
+    path = _recipe(tmp_path)
+    field = override.partition("=")[0]
+    section = field.partition(".")[0]  # the tiny recipe sets none of these fields: the line is its section's
+    assert f"  {field} (line {_line(path, section + ':')}): Input should be greater than or equal to {bound}" in (
+        _refused(path, [override])
+    )
+
+
+# ---------------------------------------------------------------------------------------------- prompt templates
+
+
+@pytest.mark.parametrize(
+    ("kind", "template", "problem"),
+    [
+        ("gsm8k", "{nope}", "unknown placeholder {nope}: the gsm8k task fills only {question}"),
+        ("gsm8k", "Q: {question.upper}", "unknown placeholder {question.upper}: the gsm8k task fills only {question}"),
+        ("gsm8k", "{0} {question}", "unknown placeholder {0}: the gsm8k task fills only {question}"),
+        ("gsm8k", "{", "not a format string: Single '{' encountered in format string"),
+        ("gsm8k", "{question} }", "not a format string: Single '}' encountered in format string"),
+        ("gsm8k", "{question:d}", "cannot be filled: Unknown format code 'd' for object of type 'str'"),
+        ("gsm8k", "{question:{width}}", "a placeholder inside a format spec: the gsm8k task fills only {question}"),
+        ("math", "{question}", "unknown placeholder {question}: the math task fills only {problem}"),
+        ("math", "Solve it.", "has no {problem} placeholder: every prompt would be the same text"),
+    ],
+)
+def test_prompt_templates_are_checked_with_the_recipe(tmp_path, kind, template, problem):
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"question": "q", "answer": "#### 1"}\n')
+    data = tiny_recipe_dict(tmp_path)
+    data["task"] = {"kind": kind, "train_file": str(train), "prompt_template": template}
+    path = _recipe(tmp_path, yaml.safe_dump(data, sort_keys=False))
+    message = _refused(path)
+    assert f"  task.prompt_template (line {_line(path, '  prompt_template:')}): {problem}" in message, message
+
+
+def test_templates_with_literal_braces_and_format_specs_are_accepted(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"question": "q", "answer": "#### 1"}\n')
+    data = tiny_recipe_dict(tmp_path)
+    data["task"] = {"kind": "math", "train_file": str(train), "prompt_template": "\\boxed{{x}} {problem!s:>3}"}
+    assert load_recipe(_recipe(tmp_path, yaml.safe_dump(data))).task.prompt_template == "\\boxed{{x}} {problem!s:>3}"

@@ -1,6 +1,7 @@
 """GRPO and RLOO group advantages, checked against values worked out by hand."""
 
 import math
+import re
 
 import pytest
 
@@ -82,3 +83,24 @@ def test_rloo_equal_and_single_member_groups_are_exactly_zero():
 def test_rloo_length_mismatch():
     with pytest.raises(ValueError, match="same length"):
         rloo_advantages([1.0], ["a", "b"])
+
+
+def test_huge_rewards_are_scaled_before_the_std():
+    # (r - mean) ** 2 of rewards near 1e308 overflowed; the advantages are those of the rewards scaled down (eps is
+    # negligible next to a std of 1e308, so compare without it).
+    expected = group_advantages([1.0, -1.0, 0.0, 1.7], ["g"] * 4, eps=0.0)
+    assert group_advantages([1e308, -1e308, 0.0, 1.7e308], ["g"] * 4) == pytest.approx(expected, rel=1e-12)
+    assert group_advantages([1e308, 1.5e308], ["g"] * 2, scale_by_std=False) == [-0.25e308, 0.25e308]
+    assert rloo_advantages([1e308, 1.5e308, 0.5e308], ["g"] * 3) == pytest.approx(
+        [0.0, 0.75e308, -0.75e308], rel=1e-12, abs=1e296
+    )
+    tiny = group_advantages([5e-324, 1e-323, 0.0], ["g"] * 3, eps=0.0)  # subnormal rewards, no eps: scaled up
+    assert tiny == pytest.approx(group_advantages([1.0, 2.0, 0.0], ["g"] * 3, eps=0.0), rel=1e-12)
+
+
+def test_advantages_beyond_the_largest_float_are_a_value_error():
+    message = "group g: rewards span more than the largest float ({})"
+    with pytest.raises(ValueError, match=re.escape(message.format("1e+308 - -1e+308"))):
+        rloo_advantages([1e308, -1e308], ["g", "g"])  # 1e308 - (-1e308)
+    with pytest.raises(ValueError, match=re.escape(message.format("1.7e+308 - -1.7e+308"))):
+        group_advantages([1.7e308, -1.7e308, -1.7e308, -1.7e308], ["g"] * 4, scale_by_std=False)  # 1.7e308 + 0.85e308
