@@ -52,6 +52,23 @@ OverwriteForeignOpt = Annotated[
 ]
 
 
+EvalOutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        help="Output directory; default <run_dir>/eval. spo eval writes only into a new or empty directory or its "
+        "own earlier output (marked .spo-eval), one eval at a time, and refuses one holding files it did not write.",
+    ),
+]
+EvalOverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Redo the results of this evaluation already in the output directory: deletes and rewrites only the "
+        "files spo eval wrote there.",
+    ),
+]
+
 def _load(path: Path, overrides: list[str] | None):
     from spo_cli.recipe import load_recipe
 
@@ -346,25 +363,11 @@ def eval_command(
         typer.Option("--data-dir", help="Directory holding <benchmark>/test.jsonl files (default: $SPO_DATA_DIR), e.g. ../shared/data."),
     ] = None,
     max_problems: Annotated[int | None, typer.Option("--max-problems", min=1, help="Evaluate the first N problems of each set.")] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            help="Output directory; default <run_dir>/eval. spo eval writes only into a new or empty directory or its "
-            "own earlier output (marked .spo-eval), one eval at a time, and refuses one holding files it did not write.",
-        ),
-    ] = None,
+    out: EvalOutOpt = None,
     chunk_size: Annotated[
         int, typer.Option("--chunk-size", min=1, help="Problems sampled and saved together: the unit an interrupted eval resumes at.")
     ] = 32,
-    overwrite: Annotated[
-        bool,
-        typer.Option(
-            "--overwrite",
-            help="Redo the results of this evaluation already in the output directory: deletes and rewrites only the "
-            "files spo eval wrote there.",
-        ),
-    ] = False,
+    overwrite: EvalOverwriteOpt = False,
 ) -> None:
     """Accuracy on held-out problems and benchmarks at several generation budgets (the paper's Table 1).
 
@@ -374,12 +377,7 @@ def eval_command(
     from spo_cli.evaluate.benchmarks import parse_dataset_names
     from spo_cli.evaluate.metrics import parse_contexts
 
-    if greedy and samples > 1:
-        raise SpoUserError("--greedy with --samples > 1 would repeat one completion; drop one of them")
-    if not greedy and temperature == 0 and samples > 1:
-        raise SpoUserError("--temperature 0 is greedy decoding: --samples must be 1")
-    if not greedy and top_p == 0:
-        raise SpoUserError("--top-p must be above 0")
+    _check_eval_sampling(samples, temperature, top_p, greedy)
     entries = parse_dataset_names(datasets)
     spec = _load(recipe, overrides)
     try:
@@ -414,6 +412,19 @@ def eval_command(
         for s in sets:
             s.close()
     print_table(rows)
+
+
+def _check_eval_sampling(samples: int, temperature: float, top_p: float, greedy: bool) -> None:
+    from spo_cli.recipe import MIN_TEMPERATURE
+
+    if greedy and samples > 1:
+        raise SpoUserError("--greedy with --samples > 1 would repeat one completion; drop one of them")
+    if not greedy and 0 < temperature < MIN_TEMPERATURE:
+        raise SpoUserError(f"--temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, as sampling.temperature")
+    if not greedy and temperature == 0 and samples > 1:
+        raise SpoUserError("--temperature 0 is greedy decoding: --samples must be 1")
+    if not greedy and top_p == 0:
+        raise SpoUserError("--top-p must be above 0")
 
 
 @app.command()

@@ -61,14 +61,14 @@ def read_curves(run_dir: Path, label: str, accuracy: str | None = None) -> RunCu
     credit: dict[str, Series] = {}
     for r in records:
         it = int(r.get("iteration", 0))
-        clock += float(r.get("time/iteration_s", 0.0))
+        clock += _number(r, "time/iteration_s", path, default=0.0)
         elapsed[it] = clock
         for key in ("reward", *CREDIT_KEYS):
             if key in r:
                 series = reward if key == "reward" else credit.setdefault(key, Series())
                 series.iterations.append(it)
                 series.seconds.append(clock)
-                series.values.append(float(r[key]))
+                series.values.append(_number(r, key, path))
     points: dict[int, dict] = {}
     for name in ("eval_before.json", "eval_after.json"):
         if (run_dir / name).is_file():
@@ -84,8 +84,19 @@ def read_curves(run_dir: Path, label: str, accuracy: str | None = None) -> RunCu
         if key in points[it] and it in elapsed:
             accuracy.iterations.append(it)
             accuracy.seconds.append(elapsed[it])
-            accuracy.values.append(float(points[it][key]))
+            accuracy.values.append(_number(points[it], key, run_dir))
     return RunCurves(label, run_dir, reward, accuracy, key, credit)
+
+
+def _number(record: dict, key: str, path: Path, default: float | None = None) -> float:
+    """record[key] as a float; SpoUserError naming the file, the iteration and the key when it is not a number."""
+    value = record.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SpoUserError(
+            f"{path}: iteration {record.get('iteration', '?')}: {key} is {value!r}, not a number: the file is spo's "
+            "own log and this record is damaged"
+        )
+    return float(value)
 
 
 def moving_average(values: Sequence[float], window: int) -> list[float]:

@@ -271,6 +271,16 @@ def test_report_reads_the_runs_recipe_with_the_recipe_loader(tmp_path, text):
         assert f"error: {run / 'recipe.resolved.yaml'}:" in error_line(err)
 
 
+@pytest.mark.parametrize("value", ['"0.5"', "null", "true", "[1]"])
+def test_report_names_a_metrics_value_that_is_not_a_number(tmp_path, value):
+    run = _run_dir(tmp_path / "run")
+    with (run / "metrics.jsonl").open("a") as log:
+        log.write('{"iteration": 3, "reward": %s, "time/iteration_s": 1.0}\n' % value)
+    code, err = spo_in_process("report", str(run), "--out", str(tmp_path / "report"))
+    assert code == 2, err  # was: a TypeError or ValueError traceback from float()
+    assert error_line(err).startswith(f"error: {run / 'metrics.jsonl'}: iteration 3: reward is ")
+
+
 # ------------------------------------------------------------------------------- --out of a command writing a file
 
 

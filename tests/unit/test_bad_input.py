@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from spo_cli.errors import SpoUserError
 from spo_cli.recipe import Recipe, parse_recipe
 
-from ..conftest import TINY_RECIPE, spo_in_process
+from ..conftest import TINY_RECIPE, spo_in_process, tiny_recipe_dict, write_recipe
 
 # --------------------------------------------------------------------------------------------- recipes
 
@@ -239,6 +239,14 @@ def test_values_that_failed_once_training_ran_are_refused_up_front(tmp_path, pat
     if isinstance(value, dict):
         value = {k: str(train) if v == "TRAIN" else v for k, v in value.items()}
     _check_refused(_set(_base(Path("x")), path, value), field)
+
+
+def test_eval_refuses_a_temperature_too_small_to_sample_with(tmp_path):
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe_dict(tmp_path))
+    code, err = spo_in_process("eval", str(recipe), "--temperature", "1e-320")
+    assert code == 2, err  # was: exit 0 after sampling with logits divided by a subnormal
+    assert "--temperature must be 0 (greedy) or at least 0.01" in err
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------ episode and data files
