@@ -4,6 +4,10 @@ Every process samples its share of each call with the randomness the one-process
 the optimizer step sums the processes' shares of each mini-batch, so a two-process run with half the per-device
 batch matches a one-process run up to float rounding. The runs are launched the way users launch them: `spo train`
 re-executes itself under `accelerate launch`.
+
+The runs start from a committed warm start (tests/assets/tiny_distributed: `spo sft` of this file's one-process
+recipe) through `warm_start.load_from`, rather than each fine-tuning its own; a warm start fine-tuned inside a ZeRO-2
+launch is compared with one process by a slow test of its own.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ SECTIONS = dict(
     loss={"beta": 0.01},
 )
 COMPARED = ["reward", "accuracy", "policy_loss", "grad_norm", "entropy", "kl", "clip_ratio", "learning_rate"]
+# `spo sft` of `recipe(tmp, "one")` (how to make it again: tests/assets/tiny_distributed/README.md). Copying it saves
+# every run of this file its 300-step warm start (~10 s each on an idle core, several times that beside other tests).
+WARM_START = REPO / "tests" / "assets" / "tiny_distributed" / "warm_start"
+FROM_WARM_START = f"warm_start.load_from={WARM_START}"
 
 
 def recipe(tmp: Path, name: str, hardware: dict | None = None) -> Path:
@@ -38,13 +46,6 @@ def recipe(tmp: Path, name: str, hardware: dict | None = None) -> Path:
         sections["train"]["per_device_train_batch_size"] = 2
         sections["hardware"] = {"main_process_port": free_port(), **hardware}
     return write_recipe(tmp / f"{name}.yaml", tiny_recipe_dict(tmp / name, **sections))
-
-
-def warm_start_of(run: Path) -> str:
-    """The override that starts a run from another run's warm start: only the two reference runs of the `runs`
-    fixture fine-tune their own (so supervised fine-tuning under ZeRO-2 is compared with one process once), the
-    others copy theirs rather than repeat it (~15 s each, several times that while the other test worker runs)."""
-    return f"warm_start.load_from={run / 'warm_start'}"
 
 
 def spo_train(path: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -76,14 +77,45 @@ def max_weight_difference(dir_a: Path, dir_b: Path) -> float:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The one-process reference and the two-process ZeRO-2 run of the same recipe."""
+    """The one-process reference and the two-process ZeRO-2 run of the same recipe, from the committed warm start."""
     tmp = tmp_path_factory.mktemp("distributed")
     out = {}
     for name, hardware in [("one", None), ("zero2", {"num_processes": 2, "deepspeed": {"zero_stage": 2}})]:
-        done = spo_train(recipe(tmp, name, hardware))
+        done = spo_train(recipe(tmp, name, hardware), FROM_WARM_START)
         assert done.returncode == 0, done.stderr[-4000:]
         out[name] = (tmp / name / "run", done)
     return tmp, out
+
+
+def test_the_committed_warm_start_is_this_files_recipes(tmp_path):
+    """`warm_start.load_from` checks the model and warm_start settings (the runs fail on a mismatch); the task and
+    seed, which it allows to differ, must match too for the asset to be what its README says it is."""
+    from spo_cli.recipe import WARM_START_RECORD, load_recipe, warm_start_differences, warm_start_record
+
+    r = load_recipe(recipe(tmp_path, "one"), [FROM_WARM_START])
+    recorded = json.loads((WARM_START / WARM_START_RECORD).read_text())
+    wanted = warm_start_record(r.model, r.warm_start, r.task, r.run.seed)
+    assert warm_start_differences(recorded, wanted) == [], "make the asset again (tests/assets/tiny_distributed)"
+    assert recorded == wanted
+
+
+@pytest.mark.slow
+def test_a_warm_start_fine_tuned_under_zero2_is_the_one_process_one(tmp_path):
+    """The other runs copy the committed warm start; here both fine-tune their own: under ZeRO-2 the main process
+    makes it while the other waits, then trains from it in memory while the other loads the saved copy. (The full
+    300 steps: after 60 no episode scores, the only gradient is the KL term's, which starts at zero, so rounding
+    that Adam scales to full steps, and the two runs round differently.)"""
+    one = spo_train(recipe(tmp_path, "one"))
+    assert one.returncode == 0, one.stderr[-4000:]
+    zero2 = spo_train(recipe(tmp_path, "zero2", {"num_processes": 2, "deepspeed": {"zero_stage": 2}}))
+    assert zero2.returncode == 0, zero2.stderr[-4000:]
+    assert "supervised fine-tuning for 300 steps" in zero2.stdout
+    assert "2 processes (DeepSpeed ZeRO-2), backend gloo" in zero2.stdout
+    a, b = tmp_path / "one" / "run", tmp_path / "zero2" / "run"
+    assert max_weight_difference(a / "warm_start", b / "warm_start") < 1e-6
+    assert_same_training(metrics(a), metrics(b), rel=1e-4)
+    final = Path("checkpoints") / "iter_000004" / "model"
+    assert max_weight_difference(a / final, b / final) < 1e-5
 
 
 def test_two_processes_with_zero2_train_like_one(runs):
@@ -109,7 +141,7 @@ def test_killed_zero2_run_resumes_to_the_same_result(runs):
     path = recipe(tmp, "killed", {"num_processes": 2, "deepspeed": {"zero_stage": 2}})
     run = tmp / "killed" / "run"
     # Its own session: the kill takes the launcher and both training processes at once, like a lost machine.
-    proc = subprocess.Popen([sys.executable, "-m", "spo_cli", "train", str(path), warm_start_of(out["zero2"][0])],
+    proc = subprocess.Popen([sys.executable, "-m", "spo_cli", "train", str(path), FROM_WARM_START],
                             cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 300
@@ -122,10 +154,10 @@ def test_killed_zero2_run_resumes_to_the_same_result(runs):
     assert not (run / "summary.json").exists()
 
     # A DeepSpeed checkpoint's optimizer shards only fit the same number of processes: refused before launching.
-    wrong = spo_train(path, warm_start_of(out["zero2"][0]), "--resume", "hardware.num_processes=1")
+    wrong = spo_train(path, FROM_WARM_START, "--resume", "hardware.num_processes=1")
     assert wrong.returncode == 2 and "hardware.num_processes=2" in wrong.stderr, wrong.stderr[-2000:]
 
-    resumed = spo_train(path, warm_start_of(out["zero2"][0]), "--resume")
+    resumed = spo_train(path, FROM_WARM_START, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resuming from" in resumed.stdout
     assert_same_training(metrics(out["zero2"][0]), metrics(run), rel=1e-6)
@@ -142,7 +174,7 @@ def test_killed_zero2_run_resumes_to_the_same_result(runs):
 def test_ddp_and_zero3_train_like_one_process(runs, name, hardware):
     """ZeRO-3 partitions the parameters: each process samples from a full copy, refreshed after every step."""
     tmp, out = runs
-    done = spo_train(recipe(tmp, name, hardware), warm_start_of(out["one"][0]))
+    done = spo_train(recipe(tmp, name, hardware), FROM_WARM_START)
     assert done.returncode == 0, done.stderr[-4000:]
     assert f"2 processes ({'DDP' if name == 'ddp' else 'DeepSpeed ZeRO-3'})" in done.stdout
     one = out["one"][0]

@@ -22,6 +22,7 @@ from spo_cli.faults import CRASH_ENV, POINTS
 from spo_cli.recipe import parse_recipe
 
 from ..conftest import REPO, tiny_recipe_dict, write_recipe
+from .test_distributed import FROM_WARM_START
 from .test_train import assert_same_metrics, read_metrics
 
 # One-operation problems and a longer warm start, so every iteration updates the policy and the optimizer state and
@@ -55,14 +56,15 @@ def assert_checkpoints_readable(run: Path) -> None:
 
 
 def test_kills_at_every_point_of_an_iteration_resume_to_the_uninterrupted_result(tmp_path):
+    # Both from test_distributed's committed warm start (these model, task and warm_start settings), copied rather
+    # than made (the same bits for both: what is compared is the RL).
+    warm = FROM_WARM_START
     ref = write_recipe(tmp_path / "ref.yaml", tiny_recipe_dict(tmp_path / "ref", **SECTIONS))
-    done = spo("train", str(ref))
+    done = spo("train", str(ref), warm)
     assert done.returncode == 0, done.stderr[-3000:]
 
     recipe = write_recipe(tmp_path / "killed.yaml", tiny_recipe_dict(tmp_path / "killed", **SECTIONS))
     run = tmp_path / "killed" / "run"
-    # The reference's warm start, copied rather than made again (the same bits: what is compared is the RL).
-    warm = f"warm_start.load_from={tmp_path / 'ref' / 'run' / 'warm_start'}"
     # One run killed four times, each resume dying somewhere else; (crash point, checkpoint the next resume starts from).
     plan = [("sample:2", 1), ("optimize:3", 2), ("checkpoint:4", 3), ("publish:5", 4)]
     assert {p.split(":")[0] for p, _ in plan} == set(POINTS)
