@@ -120,7 +120,7 @@ class LocalSandbox:
 
     def run(self, code: str) -> ToolResult:
         start = time.perf_counter()
-        worker = self._pool.take() or self._launcher.start()
+        worker = self._pool.take() or self._start_worker()
         try:
             output, status = worker.call(code, self.limits)
         finally:
@@ -133,6 +133,15 @@ class LocalSandbox:
             return [self.run(code) for code in codes]
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             return list(pool.map(self.run, codes))
+
+    def _start_worker(self) -> _Worker:
+        """A new worker in the place the pool made for it (given back if it cannot start: the machine is out of
+        processes or memory, which the caller hears of)."""
+        try:
+            return self._launcher.start()
+        except BaseException:
+            self._pool.forget_one()
+            raise
 
     def call_processes(self) -> list[int]:
         """Host pids of every process below the idle workers: what calls started and left. Empty, always, between
@@ -187,6 +196,12 @@ class _Pool:
                 self.idle.append(worker)
             else:
                 self.alive -= 1
+            self.changed.notify()
+
+    def forget_one(self) -> None:
+        """A place `take` made for a worker that never started."""
+        with self.changed:
+            self.alive -= 1
             self.changed.notify()
 
     def snapshot(self) -> list[_Worker]:

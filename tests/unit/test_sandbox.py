@@ -222,3 +222,14 @@ def test_the_unisolated_workers_leave_no_directory_behind():
     box.close()
     time.sleep(0.2)
     assert set(Path(os.environ.get("TMPDIR", "/tmp")).glob("spo-sandbox-*")) <= before
+
+
+def test_a_worker_that_cannot_start_frees_its_place(monkeypatch):
+    box = unisolated_sandbox(workers=1)
+    box.run("import time\ntime.sleep(60)")  # its only worker is killed: the next call starts one
+    monkeypatch.setattr(box._launcher, "start", lambda: (_ for _ in ()).throw(OSError(24, "Too many open files")))
+    with pytest.raises(OSError):
+        box.run("print(1)")
+    monkeypatch.undo()
+    assert box.run("print('again')").output == "again\n", "the pool did not wait for a worker that never started"
+    box.close()
