@@ -108,10 +108,14 @@ def _bwrap(install: jail.PythonInstall) -> PerCall:
     return PerCall([*argv, install.executable, "-I", "-u", "-B", "-c", RUN_STDIN])
 
 
+TEMPORARY: list[Path] = []  # removed before the bench exits
+
+
 def _old_wrapper(isolate: bool):
     """spo's sandbox at OLD_WRAPPER_COMMIT, imported from git into a temporary package; with `isolate` False, its
     fallback where namespaces are not available (which it took with one line in the log)."""
     folder = Path(tempfile.mkdtemp(prefix="spo-old-sandbox-"))
+    TEMPORARY.append(folder)
     try:
         for name in ("sandbox.py", "sandbox_child.py"):
             source = subprocess.run(["git", "show", f"{OLD_WRAPPER_COMMIT}:spo_cli/tools/{name}"], cwd=ROOT,
@@ -248,7 +252,8 @@ def main() -> None:
               f"{sum(v == 'holds' for v in verdicts.values())}/{len(verdicts)} checks hold")  # fmt: skip
         for check, verdict in verdicts.items():
             print(f"    {check:38s} {verdict}")
-    shutil.rmtree(listener_dir, ignore_errors=True)
+    for folder in [listener_dir, *TEMPORARY]:
+        shutil.rmtree(folder, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     sys.stdout.flush()
